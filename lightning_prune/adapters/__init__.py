@@ -1,0 +1,5 @@
+"""Architecture adapters: where decoder layers, heads and prunable Linears live."""
+
+from lightning_prune.adapters.base import HeadLayout, ModelAdapter, adapter_for
+
+__all__ = ["HeadLayout", "ModelAdapter", "adapter_for"]

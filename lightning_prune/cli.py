@@ -1,0 +1,142 @@
+"""``lightning-prune``: one ``LightningCLI`` for fit, validate, export, evaluate and plugins."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_prune.cli_names import install_short_names
+from lightning_prune.commands import run_evaluate, run_export
+from lightning_prune.data.datamodule import CalibrationDataModule
+from lightning_prune.errors import LightningPruneError
+from lightning_prune.module import PruningModule
+from lightning_prune.registry import get_registry
+
+
+class PruningTrainer(Trainer):
+    """Lightning's ``Trainer`` plus the export and evaluate subcommands."""
+
+    def export(
+        self,
+        model: PruningModule,
+        datamodule: CalibrationDataModule | None = None,
+        ckpt_path: str | None = None,
+        output_dir: str = "exports/pruned",
+        format: str = "hf",
+        overwrite: bool = False,
+    ) -> None:
+        """Export the pruned model of a fit checkpoint (formats: hf).
+
+        Args:
+            ckpt_path: fit checkpoint to export.
+            output_dir: folder to write (atomically; refused if it exists unless overwrite).
+            format: ``hf``, a dense HF checkpoint with exact zeros.
+            overwrite: replace an existing ``output_dir``.
+        """
+        run_export(
+            model, ckpt_path, output_dir, format, overwrite, getattr(self, "run_config", None)
+        )
+
+    def evaluate(
+        self,
+        model: PruningModule,
+        datamodule: CalibrationDataModule,
+        ckpt_path: str | None = None,
+        sources: list[str] | None = None,
+        baselines: list[str] | None = None,
+        exported: list[str] | None = None,
+        dense: bool = True,
+        output: str | None = None,
+    ) -> None:
+        """Held-out perplexity of the dense model, baselines, a checkpoint and exports.
+
+        Args:
+            ckpt_path: fit checkpoint whose learned mask is evaluated.
+            sources: text sources to evaluate on (default: the data source).
+            baselines: one-shot initializer plugins to evaluate (e.g. ``magnitude``).
+            exported: exported model folders to evaluate with plain transformers.
+            dense: also evaluate the dense model.
+            output: JSON file for the results and the protocol.
+        """
+        run_evaluate(
+            model, datamodule, ckpt_path, sources, baselines or [], exported or [], dense, output
+        )
+
+
+class PruneCLI(LightningCLI):
+    """The lightning-prune command line (see ``lightning-prune --help``)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            **LightningCLI.subcommands(),
+            "export": {"model", "datamodule"},
+            "evaluate": {"model", "datamodule"},
+        }
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.model", "data.tokenizer")
+
+    def before_export(self) -> None:
+        config = self.config[self.subcommand]
+        self.trainer.run_config = _to_plain(config.as_dict())
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_plain(v) for v in value]
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+
+
+def print_plugins() -> int:
+    """Print every plugin found: kind, name, class, distribution, version, status."""
+    registry = get_registry()
+    registry.load_all()
+    conflicts = registry.conflicts()
+    rows = [("kind", "name", "class", "distribution", "version", "status")]
+    for info in registry.infos():
+        if info.error:
+            status = f"BROKEN: {info.error}"
+        elif (info.kind, info.name) in conflicts:
+            status = "CONFLICT: name claimed by several distributions"
+        else:
+            status = "ok"
+        rows.append(
+            (info.kind, info.name, info.class_path, info.distribution, info.version, status)
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[5])
+    return 0
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["plugins"]:
+        raise SystemExit(print_plugins())
+    install_short_names()
+    try:
+        _run_cli(None if args is None else argv)
+    except LightningPruneError as err:
+        print(f"lightning-prune: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run_cli(args: list[str] | None) -> None:
+    PruneCLI(
+        PruningModule,
+        CalibrationDataModule,
+        trainer_class=PruningTrainer,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={
+            "description": "Learn pruning masks for causal LMs. "
+            "`lightning-prune plugins` lists the installed plugins."
+        },
+    )

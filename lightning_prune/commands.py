@@ -1,0 +1,117 @@
+"""The work behind the ``export`` and ``evaluate`` subcommands."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_prune import __version__
+from lightning_prune.checkpoints import load_learned_state
+from lightning_prune.data.datamodule import CalibrationDataModule
+from lightning_prune.errors import ConfigError
+from lightning_prune.evaluation import Protocol, format_table, perplexity, protocol_dict, write_json
+from lightning_prune.export.atomic import check_target
+from lightning_prune.module import PruningModule
+from lightning_prune.registry import get_registry
+
+EXPORT_FORMATS = ("hf",)
+
+
+def run_export(
+    module: PruningModule,
+    ckpt_path: str | None,
+    output_dir: str,
+    export_format: str,
+    overwrite: bool,
+    run_config: dict[str, Any] | None = None,
+) -> Path:
+    """Load the fit checkpoint, then write the export of ``export_format``."""
+    from lightning_prune.export import export_hf
+
+    if export_format not in EXPORT_FORMATS:
+        raise ConfigError(
+            f"format: unknown export format '{export_format}', expected {EXPORT_FORMATS}"
+        )
+    if ckpt_path is None:
+        raise ConfigError("ckpt_path: export needs a fit checkpoint (--ckpt_path)")
+    check_target(output_dir, overwrite)
+    load_learned_state(module, ckpt_path)
+    path = export_hf(module, output_dir, overwrite=overwrite, run_config=run_config)
+    print(f"exported {export_format} model to {path}")
+    return path
+
+
+def run_evaluate(
+    module: PruningModule,
+    datamodule: CalibrationDataModule,
+    ckpt_path: str | None,
+    sources: list[str] | None,
+    baselines: list[str],
+    exported: list[str],
+    dense: bool,
+    output: str | None,
+) -> dict[str, Any]:
+    """Held-out perplexity of dense, one-shot baselines, the learned mask and exported models."""
+    from transformers import AutoModelForCausalLM
+
+    if ckpt_path is not None:
+        load_learned_state(module, ckpt_path)
+    else:
+        module.configure_model()
+    registry = get_registry()
+    for name in baselines:
+        registry.info("initializers", name)
+    windows, protocols = {}, []
+    for source in sources or [datamodule.source]:
+        splits = datamodule.load_splits(source)
+        windows[source] = datamodule.heldout_windows(splits)
+        protocols.append(
+            Protocol(
+                source,
+                datamodule.seq_len,
+                datamodule.seq_len,
+                windows[source].numel(),
+                splits.fingerprint,
+            )
+        )
+
+    def measure(label: str, model: torch.nn.Module) -> dict[str, Any]:
+        row: dict[str, Any] = {"model": label}
+        for source, tokens in windows.items():
+            row[source] = perplexity(model, tokens, desc=f"{label} / {source}")
+        print(format_table([row], ["model", *windows]).splitlines()[-1], flush=True)
+        return row
+
+    family, rows = module.mask_family, []
+    if dense:
+        family.set_mode("off")
+        rows.append(measure("dense", module.model))
+    for name in baselines:
+        initializer = registry.get("initializers", name)()
+        batches = datamodule.train_dataloader() if initializer.needs_data else None
+        family.use_masks(initializer.compute(module.model, family, batches))
+        rows.append(measure(name, module.model))
+    if ckpt_path is not None:
+        family.harden()
+        rows.append(measure(f"learned ({Path(ckpt_path).name})", module.model))
+    for folder in exported:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=module.model.dtype).eval()
+        rows.append(measure(f"exported ({folder})", model))
+    print("\nheld-out perplexity (lower is better)")
+    print(format_table(rows, ["model", *windows]))
+    result = {
+        "rows": rows,
+        "protocol": [protocol_dict(p) for p in protocols],
+        "versions": {
+            "lightning_prune": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    if output:
+        write_json(output, result)
+        print(f"wrote {output}")
+    return result

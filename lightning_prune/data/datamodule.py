@@ -1,0 +1,123 @@
+"""The calibration ``LightningDataModule``."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_prune.data.sources import read_documents
+from lightning_prune.data.tokens import TokenSplits, pack, tokenize_splits
+from lightning_prune.errors import ConfigError
+
+
+class TokenWindows(Dataset):
+    """Fixed-length token windows as causal-LM batches (labels = inputs)."""
+
+    def __init__(self, windows: torch.Tensor):
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.windows[index]
+        return {"input_ids": ids, "labels": ids}
+
+
+class CalibrationDataModule(LightningDataModule):
+    """Calibration text for mask learning and a held-out split (by document) for validation.
+
+    Args:
+        source: embedded corpus (``wikipedia``, ``shakespeare``), local ``.txt``/``.jsonl``/
+            ``.parquet`` file or folder, or a ``datasets`` name/path.
+        tokenizer: model name whose tokenizer is used (linked to ``model.model`` by the CLI).
+        seq_len: tokens per calibration sequence.
+        num_samples: calibration sequences drawn (with ``seed``) from the packed stream.
+        batch_size: sequences per step.
+        heldout_fraction: share of documents held out for validation.
+        eval_tokens: held-out tokens used for validation perplexity.
+        seed: sampling and split seed.
+        text_column: text field of ``.jsonl``/``.parquet``/``datasets`` sources.
+        dataset_config: ``datasets`` configuration name.
+        split: ``datasets`` split.
+    """
+
+    def __init__(
+        self,
+        source: str = "wikipedia",
+        tokenizer: str = "smollm2-135m",
+        seq_len: int = 512,
+        num_samples: int = 64,
+        batch_size: int = 1,
+        heldout_fraction: float = 0.1,
+        eval_tokens: int = 16384,
+        seed: int = 0,
+        text_column: str = "text",
+        dataset_config: str | None = None,
+        split: str = "train",
+    ):
+        super().__init__()
+        for field, value in (
+            ("seq_len", seq_len),
+            ("num_samples", num_samples),
+            ("batch_size", batch_size),
+            ("eval_tokens", eval_tokens),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"data.{field}: expected a positive integer, got {value!r}")
+        self.source, self.tokenizer_name = source, tokenizer
+        self.seq_len, self.num_samples, self.batch_size = seq_len, num_samples, batch_size
+        self.heldout_fraction, self.eval_tokens, self.seed = heldout_fraction, eval_tokens, seed
+        self.text_column, self.dataset_config, self.split = text_column, dataset_config, split
+        self.splits: TokenSplits | None = None
+
+    def load_splits(self, source: str | None = None) -> TokenSplits:
+        """Tokenized calibration / held-out splits of ``source`` (default: this module's)."""
+        from lightning_prune.models import load_tokenizer
+
+        documents = read_documents(
+            source or self.source, self.text_column, self.dataset_config, self.split
+        )
+        tokenizer = load_tokenizer(self.tokenizer_name)
+        return tokenize_splits(documents, tokenizer, self.heldout_fraction, self.seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits = self.load_splits()
+
+    def calibration_windows(self) -> torch.Tensor:
+        """``num_samples`` calibration windows drawn with ``seed``."""
+        self.setup()
+        windows = pack(self.splits.calibration, self.seq_len)
+        if windows.shape[0] < self.num_samples:
+            raise ConfigError(
+                f"data.num_samples: source '{self.source}' gives only {windows.shape[0]} "
+                f"calibration sequences of seq_len {self.seq_len}, asked for {self.num_samples}"
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        chosen = torch.randperm(windows.shape[0], generator=generator)[: self.num_samples]
+        return windows[chosen.sort().values]
+
+    def heldout_windows(self, splits: TokenSplits | None = None) -> torch.Tensor:
+        """Non-overlapping held-out windows (at most ``eval_tokens`` tokens)."""
+        self.setup()
+        windows = pack((splits or self.splits).heldout, self.seq_len, self.eval_tokens)
+        if windows.shape[0] == 0:
+            raise ConfigError(
+                f"data.source: held-out split of '{self.source}' is shorter than seq_len "
+                f"{self.seq_len}"
+            )
+        return windows
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            TokenWindows(self.calibration_windows()),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TokenWindows(self.heldout_windows()), batch_size=self.batch_size)

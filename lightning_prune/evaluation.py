@@ -1,0 +1,70 @@
+"""Held-out perplexity with a fixed, logged protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchmetrics.text import Perplexity
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Protocol:
+    """How a perplexity number was measured (non-overlapping windows: stride = seq_len)."""
+
+    source: str
+    seq_len: int
+    stride: int
+    tokens: int
+    token_fingerprint: str
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 1, desc: str = "perplexity"
+) -> float:
+    """Perplexity of ``model`` on ``[num, seq_len]`` token windows (next-token prediction)."""
+    metric = Perplexity()
+    device = next(model.parameters()).device
+    for batch in tqdm(windows.split(batch_size), desc=desc, leave=False):
+        batch = batch.to(device)
+        logits = model(input_ids=batch).logits[:, :-1]
+        metric.update(logits.float().cpu(), batch[:, 1:].cpu())
+    return float(metric.compute())
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain-text table of ``rows`` (floats with 2 decimals)."""
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = " | ".join(c.ljust(w) for c, w in zip(columns, widths))
+    rule = "-|-".join("-" * w for w in widths)
+    body = [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join([line, rule, *body])
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return "" if value is None else str(value)
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    """Write JSON atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(handle, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def protocol_dict(protocol: Protocol) -> dict:
+    """The protocol as a JSON-ready dict."""
+    return asdict(protocol)

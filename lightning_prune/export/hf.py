@@ -1,0 +1,77 @@
+"""``--format hf``: a dense Hugging Face checkpoint whose pruned weights are exact zeros."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lightning_prune import __version__
+from lightning_prune.errors import LightningPruneError
+from lightning_prune.export.atomic import atomic_directory
+
+if TYPE_CHECKING:
+    from lightning_prune.module import PruningModule
+
+#: tolerance of the reload check (same weights, same kernels: differences are rounding only)
+LOGITS_ATOL = 1e-4
+
+
+class ExportError(LightningPruneError, RuntimeError):
+    """An export failed its own verification (nothing was put in place)."""
+
+
+def _probe_tokens(vocab_size: int, length: int = 32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab_size, (2, length), generator=generator)
+
+
+def export_hf(
+    module: PruningModule,
+    output_dir: str | Path,
+    overwrite: bool = False,
+    run_config: dict[str, Any] | None = None,
+) -> Path:
+    """Bake the hard masks into the weights, save, reload and verify, then rename into place.
+
+    The module's model is consumed (its parametrizations are removed).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from lightning_prune.models import load_tokenizer
+
+    model, family = module.model, module.mask_family
+    family.harden()
+    probe = _probe_tokens(model.config.vocab_size)
+    with torch.no_grad():
+        expected = model(input_ids=probe).logits.float()
+    record = {
+        "lightning_prune_version": __version__,
+        "source_model": module.model_name,
+        "method": type(module.solver).__name__,
+        "init_mask": module.init_mask,
+        "mask_family": type(family).__name__,
+        **family.describe(),
+        "sparsity": family.sparsity_report(),
+        "config": run_config or {},
+    }
+    checker = family.exported_checker()
+    family.bake()
+    with atomic_directory(output_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        load_tokenizer(module.model_name).save_pretrained(tmp)
+        (tmp / "pruning.json").write_text(json.dumps(record, indent=2))
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype).eval()
+        checker(reloaded)
+        with torch.no_grad():
+            got = reloaded(input_ids=probe).logits.float()
+        error = (got - expected).abs().max().item()
+        if error > LOGITS_ATOL:
+            raise ExportError(
+                f"export verification: reloaded logits differ from the masked model's by "
+                f"{error:.2e}"
+                f" (tolerance {LOGITS_ATOL})"
+            )
+    return Path(output_dir)

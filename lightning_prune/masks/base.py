@@ -1,0 +1,144 @@
+"""The mask-family interface."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lightning_prune.adapters.base import ModelAdapter
+from lightning_prune.errors import ConfigError
+
+MODES = ("learn", "hard", "off")
+
+
+class MaskParametrization(nn.Module):
+    """Base of mask parametrizations: one forward per mode, the hard mask cached once computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode = "learn"
+        self.register_buffer("final_mask", torch.empty(0, dtype=torch.bool), persistent=False)
+
+    @abstractmethod
+    def compute_hard_mask(self) -> torch.Tensor:
+        """The final bool mask in weight storage orientation."""
+
+    @abstractmethod
+    def learned_weight(self, original: torch.Tensor) -> torch.Tensor:
+        """The weight used while learning."""
+
+    def hard_mask(self) -> torch.Tensor:
+        """The final mask (cached while in ``hard`` mode)."""
+        return self.final_mask if self.final_mask.numel() else self.compute_hard_mask()
+
+    def set_mode(self, mode: str) -> None:
+        self.mode = mode
+        if mode == "hard":
+            self.final_mask = self.compute_hard_mask().contiguous()
+        else:
+            self.final_mask = torch.empty(0, dtype=torch.bool, device=self.final_mask.device)
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return original
+        if self.mode == "hard":
+            return original * self.final_mask.to(original.dtype)
+        return self.learned_weight(original)
+
+
+class MaskFamily(ABC):
+    """Attaches mask state to target modules (as ``torch.nn.utils.parametrize`` parametrizations).
+
+    The mask state lives inside the modules it masks, so strategies that replace module
+    parameters (FSDP2) keep training it. Life cycle: ``attach`` → training (soft forward) →
+    ``harden`` (the final, verified hard mask) → ``bake`` (weights become ``W0 ⊙ mask``).
+
+    Args:
+        include: fnmatch patterns of module names to target (default: the adapter's Linears).
+        exclude: fnmatch patterns of module names to leave dense.
+    """
+
+    def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None):
+        self.include = include
+        self.exclude = exclude
+        self._targets: dict[str, nn.Module] = {}
+
+    @abstractmethod
+    def make_parametrization(self, name: str, module: nn.Module, transposed: bool) -> nn.Module:
+        """Build the parametrization for one target module's ``weight``."""
+
+    @abstractmethod
+    def verify(self) -> None:
+        """Raise ``ValueError`` naming the layer if a hard mask breaks the family's pattern."""
+
+    @abstractmethod
+    def exported_checker(self) -> Callable[[nn.Module], None]:
+        """A check of a reloaded exported model (call before :meth:`bake`): raises on mismatch."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Pattern description written into ``pruning.json``."""
+
+    def attach(self, model: nn.Module, adapter: ModelAdapter) -> None:
+        """Register one parametrization per target module of ``model``."""
+        targets = adapter.target_linears(model, self.include, self.exclude)
+        if not targets:
+            raise ConfigError(
+                f"mask_family.include/exclude ({self.include}/{self.exclude}) select no module"
+            )
+        for name, module in targets.items():
+            transposed = adapter.weight_is_transposed(module)
+            parametrization = self.make_parametrization(name, module, transposed)
+            parametrize.register_parametrization(module, "weight", parametrization, unsafe=True)
+            self._targets[name] = module
+
+    def targets(self) -> dict[str, nn.Module]:
+        """Target modules by qualified name (each holds its parametrization)."""
+        return self._targets
+
+    def parametrizations(self) -> dict[str, nn.Module]:
+        """The mask parametrization of every target, by module name."""
+        return {n: m.parametrizations.weight[0] for n, m in self._targets.items()}
+
+    def originals(self) -> dict[str, torch.Tensor]:
+        """The frozen pretrained weights W0, by module name."""
+        return {n: m.parametrizations.weight.original for n, m in self._targets.items()}
+
+    def set_mode(self, mode: str) -> None:
+        """``learn`` (training forward), ``hard`` (final mask) or ``off`` (dense W0)."""
+        if mode not in MODES:
+            raise ConfigError(f"mask mode: expected one of {MODES}, got '{mode}'")
+        for parametrization in self.parametrizations().values():
+            parametrization.set_mode(mode)
+
+    def use_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Forward with the given hard masks (e.g. a one-shot baseline), not the learned ones."""
+        for name, parametrization in self.parametrizations().items():
+            parametrization.set_mode("hard")
+            parametrization.final_mask = masks[name].to(parametrization.final_mask.device)
+
+    def harden(self) -> None:
+        """Switch every target to its final hard mask and verify the pattern."""
+        self.set_mode("hard")
+        self.verify()
+
+    def bake(self) -> None:
+        """Replace every parametrized weight by its hard-masked value, in place."""
+        self.harden()
+        for module in self._targets.values():
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            module.weight.requires_grad_(False)
+        self._targets = {}
+
+    def sparsity_report(self) -> dict[str, float]:
+        """Share of zeros in each target's hard mask."""
+        report = {}
+        for name, parametrization in self.parametrizations().items():
+            mask = parametrization.hard_mask()
+            report[name] = 1.0 - mask.float().mean().item()
+        return report

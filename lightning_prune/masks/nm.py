@@ -1,0 +1,101 @@
+"""N:M semi-structured masks with a learnable surrogate weight (ProxSparse)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune.errors import ConfigError
+from lightning_prune.masks.base import MaskFamily, MaskParametrization
+from lightning_prune.ops.nm_prox import is_nm, nm_topn_mask
+
+
+class NMSurrogate(MaskParametrization):
+    """Parametrization of ``weight``: a learnable surrogate W while learning, ``W0 ⊙ mask`` after.
+
+    The pretrained weight stays in ``parametrizations.weight.original`` (frozen). Groups are M
+    consecutive input weights of one output row; ``transposed`` marks ``[in, out]`` storage.
+    """
+
+    def __init__(self, weight: torch.Tensor, n: int, m: int, transposed: bool):
+        super().__init__()
+        self.n, self.m, self.transposed = n, m, transposed
+        self.surrogate = nn.Parameter(weight.detach().clone(), requires_grad=True)
+        self.w0_rms = weight.detach().float().pow(2).mean().sqrt().item()
+
+    def rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """View ``tensor`` as ``[out, in]`` so groups run along the last dim."""
+        return tensor.t() if self.transposed else tensor
+
+    def compute_hard_mask(self) -> torch.Tensor:
+        """Top-N magnitudes per group of the learned surrogate, in storage orientation."""
+        rows = nm_topn_mask(self.rows(self.surrogate.detach()), self.n, self.m)
+        return self.rows(rows)
+
+    def learned_weight(self, original: torch.Tensor) -> torch.Tensor:
+        return self.surrogate
+
+
+class NMMaskFamily(MaskFamily):
+    """N:M semi-structured sparsity: every group of ``m`` consecutive inputs keeps ``n``.
+
+    Args:
+        n: kept weights per group.
+        m: group size (``in_features`` of every target must be divisible by it).
+        include: fnmatch patterns of module names to target (default: every decoder Linear).
+        exclude: fnmatch patterns of module names to leave dense.
+    """
+
+    def __init__(
+        self,
+        n: int = 2,
+        m: int = 4,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+    ):
+        if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+            raise ConfigError(f"mask_family.n and mask_family.m: expected 0 < n < m, got {n}:{m}")
+        super().__init__(include, exclude)
+        self.n, self.m = n, m
+
+    def make_parametrization(self, name: str, module: nn.Module, transposed: bool) -> nn.Module:
+        weight = module.weight
+        in_features = weight.shape[0] if transposed else weight.shape[1]
+        if in_features % self.m:
+            raise ConfigError(
+                f"layer '{name}': in_features {in_features} is not divisible by m={self.m}; "
+                "exclude it with mask_family.exclude"
+            )
+        return NMSurrogate(weight, self.n, self.m, transposed)
+
+    def verify(self) -> None:
+        for name, parametrization in self.parametrizations().items():
+            mask = parametrization.rows(parametrization.hard_mask())
+            if not is_nm(mask.float(), self.n, self.m):
+                raise ConfigError(f"layer '{name}': mask breaks the {self.n}:{self.m} pattern")
+
+    def exported_checker(self) -> Callable[[nn.Module], None]:
+        layout = {n: p.transposed for n, p in self.parametrizations().items()}
+        n, m = self.n, self.m
+
+        def check(model: nn.Module) -> None:
+            for name, transposed in layout.items():
+                weight = model.get_submodule(name).weight.detach()
+                rows = weight.t() if transposed else weight
+                if not is_nm(rows, n, m):
+                    raise ConfigError(f"exported weight '{name}' breaks the {n}:{m} pattern")
+
+        return check
+
+    def describe(self) -> dict[str, Any]:
+        return {"pattern": f"{self.n}:{self.m}", "n": self.n, "m": self.m, "group_dim": "input"}
+
+    def apply_initial_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Warm start: zero the surrogate outside the given masks (storage orientation)."""
+        for name, parametrization in self.parametrizations().items():
+            if name in masks:
+                with torch.no_grad():
+                    parametrization.surrogate.mul_(masks[name].to(parametrization.surrogate.dtype))

@@ -1,0 +1,196 @@
+"""``PruningModule``: a frozen Hugging Face causal LM plus learnable masks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+
+from lightning_prune import __version__
+from lightning_prune.adapters import adapter_for
+from lightning_prune.errors import ConfigError
+from lightning_prune.masks.base import MaskFamily
+from lightning_prune.models import load_causal_lm
+from lightning_prune.registry import get_registry
+from lightning_prune.regularizers.base import Regularizer
+from lightning_prune.solvers.base import Solver
+
+
+class PruningModule(LightningModule):
+    """Learns a pruning mask for a frozen causal LM.
+
+    The LM is loaded in ``configure_model`` (so strategies can shard it), every parameter is
+    frozen, and the mask family attaches its learnable state to the target modules.
+
+    Args:
+        model: embedded model name (``smollm2-135m``), local HF folder or hub id.
+        mask_family: what may be removed (e.g. ``nm``).
+        solver: how the mask is learned (e.g. ``proximal``).
+        regularizers: terms of the objective (e.g. ``nm_sparsity``).
+        init_mask: name of a one-shot initializer plugin used as warm start (e.g.
+            ``magnitude``); ``None`` starts from the pretrained weights.
+        dtype: dtype the LM is loaded in.
+        attn_implementation: HF attention implementation.
+    """
+
+    def __init__(
+        self,
+        mask_family: MaskFamily,
+        solver: Solver,
+        regularizers: list[Regularizer] | None = None,
+        model: str = "smollm2-135m",
+        init_mask: str | None = None,
+        dtype: str = "float32",
+        attn_implementation: str | None = "sdpa",
+    ):
+        super().__init__()
+        self.model_name, self.dtype_name = model, dtype
+        self.attn_implementation = attn_implementation
+        self.mask_family, self.solver = mask_family, solver
+        self.regularizers = list(regularizers or [])
+        self.init_mask = init_mask
+        if init_mask is not None:
+            get_registry().info("initializers", init_mask)  # fail early on unknown names
+        self.model: torch.nn.Module | None = None
+        self.strict_loading = False  # checkpoints hold the learnable state only
+
+    # -- model ------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        model = load_causal_lm(self.model_name, self.dtype_name, self.attn_implementation)
+        model.requires_grad_(False)
+        self.mask_family.attach(model, adapter_for(model))
+        for regularizer in self.regularizers:
+            regularizer.bind(self.mask_family)
+        self.model = model
+        if self.init_mask is not None:
+            self.apply_initializer(self.init_mask)
+
+    def apply_initializer(self, name: str) -> None:
+        """Warm-start the mask family from the one-shot initializer plugin ``name``."""
+        initializer = get_registry().get("initializers", name)()
+        batches = None
+        if initializer.needs_data:
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+            if datamodule is None:
+                raise ConfigError(f"init_mask '{name}' needs calibration data (a datamodule)")
+            batches = datamodule.train_dataloader()
+        masks = initializer.compute(self.model, self.mask_family, batches)
+        self.mask_family.apply_initial_masks(masks)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        seq_len = getattr(datamodule, "seq_len", None)
+        if seq_len is None:
+            return
+        from transformers import AutoConfig
+
+        from lightning_prune.models.loading import resolve_model_path
+
+        config = AutoConfig.from_pretrained(resolve_model_path(self.model_name))
+        context = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        if context and seq_len > context:
+            raise ConfigError(f"data.seq_len: {seq_len} exceeds the model's context {context}")
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        return self.model(input_ids=input_ids, labels=labels)
+
+    # -- training -----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(batch["input_ids"], batch["labels"]).loss
+        total = loss
+        for regularizer in self.regularizers:
+            if not regularizer.has_prox:
+                total = total + regularizer.penalty(self.mask_family)
+        self.log("train/loss", loss, prog_bar=True)
+        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            self._log_regularizers()
+        return total
+
+    def _log_regularizers(self) -> None:
+        values: dict[str, float] = {}
+        for regularizer in self.regularizers:
+            key = type(regularizer).__name__
+            values[f"reg/{key}"] = float(regularizer.penalty(self.mask_family))
+            values.update({f"reg/{k}": v for k, v in regularizer.metrics(self.mask_family).items()})
+            if hasattr(regularizer, "lam"):
+                values[f"reg/{key}_lambda"] = regularizer.lam
+        values.update(self.solver.metrics(self))
+        self.log_dict(values, prog_bar=False)
+
+    def configure_optimizers(self) -> Any:
+        return self.solver.configure_optimizers(self)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        clip = gradient_clip_val if gradient_clip_val is not None else self.solver.grad_clip
+        if clip:
+            self.clip_gradients(optimizer, clip, gradient_clip_algorithm or "norm")
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.solver.after_optimizer_step(self)
+
+    # -- validation: the mask that would ship -------------------------------------------------
+    def on_validation_start(self) -> None:
+        self.mask_family.harden()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(batch["input_ids"], batch["labels"]).loss
+        self.log("val/loss", loss, prog_bar=True)
+        return loss
+
+    def on_validation_end(self) -> None:
+        self.mask_family.set_mode("learn")
+
+    # -- checkpoints: learnable state + identity ----------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must match to be loaded into this module."""
+        config = self.model.config
+        return {
+            "model": self.model_name,
+            "model_type": config.model_type,
+            "num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size,
+            "vocab_size": config.vocab_size,
+            "mask_family": type(self.mask_family).__name__,
+            "version": __version__,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
+        }
+        checkpoint["lightning_prune"] = self.fingerprint()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint(checkpoint, self)
+
+
+def check_checkpoint(checkpoint: dict[str, Any], module: PruningModule) -> None:
+    """Raise ``ValueError`` when ``checkpoint`` was made for another model or mask."""
+    saved = checkpoint.get("lightning_prune")
+    if saved is None:
+        raise ConfigError("ckpt_path: not a lightning-prune checkpoint (no 'lightning_prune' key)")
+    current = module.fingerprint()
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size", "mask_family")
+    wrong = {k: (saved.get(k), current[k]) for k in keys if saved.get(k) != current[k]}
+    if wrong:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in wrong.items())
+        raise ConfigError(
+            f"ckpt_path: checkpoint was made for another model or mask ({detail}); "
+            f"it was saved for model '{saved.get('model')}'"
+        )
+    expected = {n for n, p in module.named_parameters() if p.requires_grad}
+    missing = expected - set(checkpoint["state_dict"])
+    if missing:
+        raise ConfigError(
+            f"ckpt_path: checkpoint lacks {len(missing)} learnable tensors "
+            f"(e.g. {sorted(missing)[0]})"
+        )

@@ -1,0 +1,30 @@
+"""The solver interface."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_prune.module import PruningModule
+
+
+class Solver:
+    """Owns the optimizers, schedulers and the update rule of mask learning.
+
+    ``PruningModule`` calls :meth:`configure_optimizers` from Lightning's hook of the same name
+    and :meth:`after_optimizer_step` right after every optimizer step (e.g. to apply a prox).
+    """
+
+    #: gradient-norm clipping applied before every step (``None``: off)
+    grad_clip: float | None = None
+
+    def configure_optimizers(self, module: PruningModule) -> Any:
+        """Return what ``LightningModule.configure_optimizers`` returns."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, module: PruningModule) -> None:
+        """Hook run after every optimizer step."""
+
+    def metrics(self, module: PruningModule) -> dict[str, float]:
+        """Extra values to log every step."""
+        return {}

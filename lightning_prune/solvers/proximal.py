@@ -1,0 +1,71 @@
+"""ProxSparse (ICML 2025): proximal gradient on the N:M sparsity regularizer."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from lightning_prune.errors import ConfigError
+from lightning_prune.solvers.base import Solver
+
+if TYPE_CHECKING:
+    from lightning_prune.module import PruningModule
+
+
+class ProximalSolver(Solver):
+    """AdamW step on the smooth loss, then the exact prox of every non-smooth regularizer.
+
+    The learning rate warms up linearly for ``warmup_ratio`` of the steps, then decays
+    linearly to zero.
+
+    Args:
+        lr: peak learning rate of the surrogate weights.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_ratio: share of the steps spent warming up.
+        grad_clip: gradient-norm clipping before every step (``None`` turns it off).
+    """
+
+    def __init__(
+        self,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.1,
+        grad_clip: float | None = 1.0,
+    ):
+        if not lr > 0:
+            raise ConfigError(f"solver proximal.lr: expected a value > 0, got {lr}")
+        if not 0 <= warmup_ratio < 1:
+            raise ConfigError(f"solver proximal.warmup_ratio: expected [0, 1), got {warmup_ratio}")
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_ratio, self.grad_clip = warmup_ratio, grad_clip
+
+    def configure_optimizers(self, module: PruningModule) -> Any:
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("solver proximal: the mask family exposes no trainable parameters")
+        optimizer = torch.optim.AdamW(
+            params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
+        )
+        total = max(int(module.trainer.estimated_stepping_batches), 1)
+        warmup = int(self.warmup_ratio * total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(total - warmup, 1))
+
+        scheduler = LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def after_optimizer_step(self, module: PruningModule) -> None:
+        lr = module.trainer.optimizers[0].param_groups[0]["lr"]
+        for regularizer in module.regularizers:
+            if regularizer.has_prox:
+                regularizer.prox_(module.mask_family, lr)

@@ -19,11 +19,16 @@ CONFIG = Path(__file__).parents[1] / "configs" / "proxsparse_2of4.yaml"
 
 def fit_args(model: str, root: Path, *extra: str) -> list[str]:
     return [
-        "fit", "--config", str(CONFIG),
+        "fit",
+        "--config",
+        str(CONFIG),
         f"--model.model={model}",
-        "--data.seq_len=64", "--data.num_samples=6", "--data.eval_tokens=512",
+        "--data.seq_len=64",
+        "--data.num_samples=6",
+        "--data.eval_tokens=512",
         f"--trainer.default_root_dir={root}",
-        "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.log_every_n_steps=1",
         *extra,
     ]
 
@@ -50,8 +55,16 @@ def test_fit_writes_small_checkpoint_with_learned_state(fitted) -> None:
 def test_export_hf_is_2of4_and_loads_with_plain_transformers(fitted, tmp_path) -> None:
     model, root, ckpt = fitted
     out = tmp_path / "export"
-    main(["export", "--config", str(CONFIG), f"--model.model={model}",
-          f"--ckpt_path={ckpt}", f"--output_dir={out}"])
+    main(
+        [
+            "export",
+            "--config",
+            str(CONFIG),
+            f"--model.model={model}",
+            f"--ckpt_path={ckpt}",
+            f"--output_dir={out}",
+        ]
+    )
     record = json.loads((out / "pruning.json").read_text())
     assert record["pattern"] == "2:4" and len(record["sparsity"]) == 14
     assert all(abs(v - 0.5) < 1e-6 for v in record["sparsity"].values())
@@ -69,17 +82,36 @@ def test_export_hf_is_2of4_and_loads_with_plain_transformers(fitted, tmp_path) -
     for layer in reloaded.model.layers:
         assert is_nm(layer.self_attn.q_proj.weight, 2, 4)
     with pytest.raises(SystemExit):  # refuses to overwrite without being told
-        main(["export", "--config", str(CONFIG), f"--model.model={model}",
-              f"--ckpt_path={ckpt}", f"--output_dir={out}"])
+        main(
+            [
+                "export",
+                "--config",
+                str(CONFIG),
+                f"--model.model={model}",
+                f"--ckpt_path={ckpt}",
+                f"--output_dir={out}",
+            ]
+        )
     assert (out / "pruning.json").is_file()
 
 
 def test_evaluate_reports_dense_baseline_and_learned(fitted, tmp_path) -> None:
     model, _, ckpt = fitted
     output = tmp_path / "eval.json"
-    main(["evaluate", "--config", str(CONFIG), f"--model.model={model}",
-          "--data.seq_len=64", "--data.eval_tokens=512", f"--ckpt_path={ckpt}",
-          "--sources=[wikipedia,shakespeare]", "--baselines=[magnitude]", f"--output={output}"])
+    main(
+        [
+            "evaluate",
+            "--config",
+            str(CONFIG),
+            f"--model.model={model}",
+            "--data.seq_len=64",
+            "--data.eval_tokens=512",
+            f"--ckpt_path={ckpt}",
+            "--sources=[wikipedia,shakespeare]",
+            "--baselines=[magnitude]",
+            f"--output={output}",
+        ]
+    )
     result = json.loads(output.read_text())
     rows = {row["model"].split(" ")[0]: row for row in result["rows"]}
     assert set(rows) == {"dense", "magnitude", "learned"}

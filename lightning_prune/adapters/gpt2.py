@@ -13,4 +13,6 @@ class GPT2Adapter(ModelAdapter):
     linear_names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
     def weight_is_transposed(self, module: nn.Module) -> bool:
-        return type(module).__name__ == "Conv1D"
+        from transformers.pytorch_utils import Conv1D
+
+        return isinstance(module, Conv1D)  # also once parametrized (a dynamic subclass)

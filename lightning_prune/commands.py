@@ -29,8 +29,6 @@ def run_export(
     run_config: dict[str, Any] | None = None,
 ) -> Path:
     """Load the fit checkpoint, then write the export of ``export_format``."""
-    from lightning_prune.export import export_hf
-
     if export_format not in EXPORT_FORMATS:
         raise ConfigError(
             f"format: unknown export format '{export_format}', expected {EXPORT_FORMATS}"
@@ -39,7 +37,8 @@ def run_export(
         raise ConfigError("ckpt_path: export needs a fit checkpoint (--ckpt_path)")
     check_target(output_dir, overwrite)
     load_learned_state(module, ckpt_path)
-    path = export_hf(module, output_dir, overwrite=overwrite, run_config=run_config)
+    exporter = module.mask_family.hf_exporter()  # the family decides: dense zeros or sliced
+    path = exporter(module, output_dir, overwrite=overwrite, run_config=run_config)
     print(f"exported {export_format} model to {path}")
     return path
 

@@ -101,8 +101,12 @@ class PruningModule(LightningModule):
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(batch["input_ids"], batch["labels"]).loss
+        outputs = self(batch["input_ids"], batch["labels"])
+        loss = outputs.loss
         total = loss
+        for name, term in self.solver.loss_terms(self, batch, outputs).items():
+            self.log(f"train/{name}", term)
+            total = total + term
         for regularizer in self.regularizers:
             if not regularizer.has_prox:
                 total = total + regularizer.penalty(self.mask_family)
@@ -119,6 +123,7 @@ class PruningModule(LightningModule):
             values.update({f"reg/{k}": v for k, v in regularizer.metrics(self.mask_family).items()})
             if hasattr(regularizer, "lam"):
                 values[f"reg/{key}_lambda"] = regularizer.lam
+        values["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         values.update(self.solver.metrics(self))
         self.log_dict(values, prog_bar=False)
 

@@ -49,7 +49,15 @@ def test_fit_writes_small_checkpoint_with_learned_state(fitted) -> None:
     assert len(keys) == 14  # 2 layers x 7 Linears
     assert state["lightning_prune"]["model_type"] == "llama"
     metrics = (root / "lightning_logs" / "version_0" / "metrics.csv").read_text()
-    assert "train/loss" in metrics and "reg/nm_groups_done" in metrics
+    for column in ("train/loss", "reg/nm_groups_done", "reg/NMSparsityRegularizer", "lr"):
+        assert column in metrics.splitlines()[0], column
+
+
+def test_validate_from_checkpoint_uses_the_hard_mask(fitted, capsys) -> None:
+    model, _, ckpt = fitted
+    main(["validate", "--config", str(CONFIG), f"--model.model={model}", "--data.seq_len=64",
+          "--data.eval_tokens=512", f"--ckpt_path={ckpt}", "--trainer.enable_progress_bar=false"])
+    assert "val/loss" in capsys.readouterr().out
 
 
 def test_export_hf_is_2of4_and_loads_with_plain_transformers(fitted, tmp_path) -> None:

@@ -24,6 +24,30 @@ class HeadLayout:
         return self.num_heads // self.num_kv_heads
 
 
+@dataclass(frozen=True)
+class StructuredSpec:
+    """Where the structured units of one decoder layer live (module names inside the layer).
+
+    ``query`` modules output one ``head_dim`` block per query head, ``kv`` modules one per KV
+    head, and ``attn_out`` takes one input block per query head. ``mlp_in`` modules output one
+    value per MLP channel and ``mlp_out`` takes one input per channel. ``query``/``kv``/
+    ``attn_out`` are ``None`` when the stock config cannot express fewer heads
+    (``heads_note`` says why).
+    """
+
+    mlp_in: tuple[str, ...]
+    mlp_out: str
+    query: tuple[str, ...] | None = None
+    kv: tuple[str, ...] | None = None
+    attn_out: str | None = None
+    heads_note: str = ""
+
+    @property
+    def prunes_heads(self) -> bool:
+        """Whether attention heads can be removed in a stock config."""
+        return self.attn_out is not None
+
+
 class ModelAdapter:
     """Knows one architecture family: decoder layers, prunable Linears and head layout.
 
@@ -73,6 +97,22 @@ class ModelAdapter:
         kv = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return HeadLayout(heads, kv, head_dim)
+
+    # -- uniform structured pruning (optional: ``None`` means unsupported) ---------------------
+    def structured_spec(self) -> StructuredSpec | None:
+        """Where heads and MLP channels live; ``None``: no structured pruning for this family."""
+        return None
+
+    def intermediate_size(self, config) -> int:
+        """MLP channels per layer."""
+        return config.intermediate_size
+
+    def structured_config(self, config, num_heads: int, num_kv_heads: int, intermediate: int):
+        """A copy of ``config`` with fewer heads / channels in every layer.
+
+        Raises ``ValueError`` when the model family's config rejects the layout.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no structured config writer")
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from lightning_prune.adapters.base import ModelAdapter
+from lightning_prune.adapters.base import ModelAdapter, StructuredSpec
 
 
 class GPT2Adapter(ModelAdapter):
@@ -16,3 +16,21 @@ class GPT2Adapter(ModelAdapter):
         from transformers.pytorch_utils import Conv1D
 
         return isinstance(module, Conv1D)  # also once parametrized (a dynamic subclass)
+
+    def structured_spec(self) -> StructuredSpec:
+        return StructuredSpec(
+            mlp_in=("mlp.c_fc",),
+            mlp_out="mlp.c_proj",
+            heads_note="GPT-2's config derives head_dim from n_embd / n_head, so a stock config "
+            "cannot hold fewer heads of the same size",
+        )
+
+    def intermediate_size(self, config) -> int:
+        return config.n_inner or 4 * config.n_embd
+
+    def structured_config(self, config, num_heads: int, num_kv_heads: int, intermediate: int):
+        if num_heads != config.n_head:
+            raise ValueError("GPT-2 configs cannot hold fewer attention heads")
+        values = config.to_dict()
+        values["n_inner"] = intermediate
+        return type(config).from_dict(values)

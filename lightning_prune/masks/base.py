@@ -84,6 +84,15 @@ class MaskFamily(ABC):
     def describe(self) -> dict[str, Any]:
         """Pattern description written into ``pruning.json``."""
 
+    def hf_exporter(self) -> Callable[..., Any]:
+        """The function behind ``export --format hf`` for this family (default: dense + zeros).
+
+        Called as ``exporter(module, output_dir, overwrite=..., run_config=...)``.
+        """
+        from lightning_prune.export.hf import export_hf
+
+        return export_hf
+
     def attach(self, model: nn.Module, adapter: ModelAdapter) -> None:
         """Register one parametrization per target module of ``model``."""
         targets = adapter.target_linears(model, self.include, self.exclude)

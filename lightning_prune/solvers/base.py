@@ -22,6 +22,10 @@ class Solver:
         """Return what ``LightningModule.configure_optimizers`` returns."""
         raise NotImplementedError
 
+    def loss_terms(self, module: PruningModule, batch: dict, outputs: Any) -> dict[str, Any]:
+        """Extra loss terms of one training step (e.g. distillation), by log name."""
+        return {}
+
     def after_optimizer_step(self, module: PruningModule) -> None:
         """Hook run after every optimizer step."""
 

@@ -1,0 +1,240 @@
+"""``--format hf`` for uniform structured masks: slice into an ordinary, smaller dense HF model.
+
+Bake the hard masks, keep only the kept heads' query/KV rows and output columns and the kept
+channels' input rows and output columns in every layer, load the result into a stock config with
+fewer heads and a smaller ``intermediate_size`` (``head_dim`` explicit), then verify it in a
+separate Python process that never imports lightning_prune: plain ``AutoModelForCausalLM`` loads
+it, its logits equal the masked model's within :data:`LOGITS_ATOL`, ``generate`` runs, and its
+parameter count equals the one written to ``pruning.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lightning_prune import __version__
+from lightning_prune.export.atomic import atomic_directory
+from lightning_prune.export.hf import ExportError
+
+if TYPE_CHECKING:
+    from lightning_prune.module import PruningModule
+
+#: max |logit difference| between the sliced model and the hard-masked model, in units of the
+#: largest |logit| (fp32: dropping zero columns only reorders sums, so differences are rounding)
+LOGITS_RTOL = 1e-4
+#: absolute floor of the same tolerance
+LOGITS_ATOL = 1e-4
+
+_VERIFY = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+folder, probe_file, out_file, dtype = sys.argv[1:5]
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+probe = torch.load(probe_file)
+with torch.no_grad():
+    logits = model(input_ids=probe).logits.float()
+    generated = model.generate(probe[:1, :8], max_new_tokens=4, do_sample=False)
+torch.save(logits, out_file)
+print(json.dumps({
+    "lightning_prune_imported": "lightning_prune" in sys.modules,
+    "params": sum(p.numel() for p in model.parameters()),
+    "generated": generated.shape[-1] - 8,
+    "config": {k: getattr(model.config, k, None) for k in (
+        "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "n_inner")},
+}))
+"""
+
+
+def _probe_tokens(vocab_size: int, length: int = 32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab_size, (2, length), generator=generator)
+
+
+def _param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights are counted once
+
+
+def _select(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    return tensor.index_select(dim, index.to(tensor.device)).contiguous()
+
+
+def _unit_index(units: torch.Tensor, size: int) -> torch.Tensor:
+    """Column indices of the kept units of ``size`` consecutive columns each."""
+    return (units[:, None] * size + torch.arange(size)).flatten()
+
+
+def slice_state(module: PruningModule, layouts: list[dict[str, torch.Tensor]]) -> dict:
+    """The baked model's state dict with every layer cut to its kept heads and channels."""
+    family = module.mask_family
+    adapter, spec, model = family.adapter, family.spec, module.model
+    layout = adapter.head_layout(model.config)
+    channels_dense = adapter.intermediate_size(model.config)
+    state = dict(model.state_dict())
+    layers = adapter.decoder_layers(model)
+    for index, kept in enumerate(layouts):
+        prefix = f"{adapter.layers_path}.{index}."
+        head_rows = _unit_index(kept["heads"], layout.head_dim)
+        kv_rows = _unit_index(kept["kv_heads"], layout.head_dim)
+        channel_rows = kept["channels"]
+        cuts: list[tuple[str, torch.Tensor, str]] = []
+        if spec.prunes_heads:
+            cuts += [(n, head_rows, "out") for n in spec.query]
+            cuts += [(n, kv_rows, "out") for n in spec.kv]
+            cuts.append((spec.attn_out, head_rows, "in"))
+        if len(channel_rows) != channels_dense:
+            cuts += [(n, channel_rows, "out") for n in spec.mlp_in]
+            cuts.append((spec.mlp_out, channel_rows, "in"))
+        for local, rows, side in cuts:
+            transposed = adapter.weight_is_transposed(layers[index].get_submodule(local))
+            out_dim, in_dim = (1, 0) if transposed else (0, 1)
+            key = prefix + local
+            state[key + ".weight"] = _select(
+                state[key + ".weight"], rows, out_dim if side == "out" else in_dim
+            )
+            if side == "out" and key + ".bias" in state:
+                state[key + ".bias"] = _select(state[key + ".bias"], rows, 0)
+    return state
+
+
+def export_structured_hf(
+    module: PruningModule,
+    output_dir: str | Path,
+    overwrite: bool = False,
+    run_config: dict[str, Any] | None = None,
+) -> Path:
+    """Slice the hard-masked model into a smaller stock HF model, verify it, rename into place.
+
+    The module's model is consumed (its parametrizations are removed).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from lightning_prune.models import load_tokenizer
+
+    model, family = module.model, module.mask_family
+    dense_params = _param_count(model) - sum(
+        p.numel() for g in family.parametrizations().values() for p in g.parameters()
+    )
+    family.harden()
+    probe = _probe_tokens(model.config.vocab_size)
+    with torch.no_grad():
+        expected = model(input_ids=probe).logits.float()
+    layouts = family.layer_layouts()
+    shape = family.exported_shape()
+    record = {
+        "lightning_prune_version": __version__,
+        "source_model": module.model_name,
+        "method": type(module.solver).__name__,
+        "mask_family": type(family).__name__,
+        **family.describe(),
+        "kept_units": {
+            kind: [layout[kind].tolist() for layout in layouts]
+            for kind in ("heads", "kv_heads", "channels")
+        },
+        "config": run_config or {},
+    }
+    checker = family.exported_checker()
+    family.bake()
+    try:
+        small_config = family.adapter.structured_config(
+            model.config, shape["num_heads"], shape["num_kv_heads"], shape["intermediate_size"]
+        )
+    except ValueError as err:
+        raise ExportError(
+            f"export: the {model.config.model_type} config rejects {shape}: {err}"
+        ) from err
+    state = slice_state(module, layouts)
+    small = AutoModelForCausalLM.from_config(small_config, dtype=model.dtype)
+    small.load_state_dict(state, strict=True)
+    small.tie_weights()
+    small.eval()
+    checker(small)
+    tolerance = LOGITS_ATOL + LOGITS_RTOL * expected.abs().max().item()
+    with torch.no_grad():
+        error = (small(input_ids=probe).logits.float() - expected).abs().max().item()
+    _check_error("sliced model", error, tolerance)
+    pruned_params = _param_count(small)
+    record["parameters"] = {
+        "dense": dense_params,
+        "pruned": pruned_params,
+        "removed_share": 1 - pruned_params / dense_params,
+        "removed_share_of_decoder_linears": (dense_params - pruned_params) / family.decoder_params,
+    }
+    record["verification"] = {"logits_max_abs_error": error, "tolerance": tolerance}
+    with atomic_directory(output_dir, overwrite) as tmp:
+        small.save_pretrained(tmp)
+        load_tokenizer(module.model_name).save_pretrained(tmp)
+        (tmp / "pruning.json").write_text(json.dumps(record, indent=2))
+        report = _verify_in_fresh_process(tmp, probe, expected, tolerance, model.dtype)
+        if report["params"] != pruned_params:
+            raise ExportError(
+                f"export verification: reloaded model has {report['params']} parameters, "
+                f"pruning.json says {pruned_params}"
+            )
+        record["verification"]["reload"] = report
+        (tmp / "pruning.json").write_text(json.dumps(record, indent=2))
+    return Path(output_dir)
+
+
+def _check_error(what: str, error: float, tolerance: float) -> None:
+    if not error <= tolerance:
+        raise ExportError(
+            f"export verification: {what}'s logits differ from the masked model's by "
+            f"{error:.2e} (tolerance {tolerance:.2e})"
+        )
+
+
+def _verify_in_fresh_process(
+    folder: Path,
+    probe: torch.Tensor,
+    expected: torch.Tensor,
+    tolerance: float,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Reload ``folder`` with plain transformers in a new interpreter and compare logits."""
+    with tempfile.TemporaryDirectory() as scratch:
+        probe_file, out_file = Path(scratch) / "probe.pt", Path(scratch) / "logits.pt"
+        torch.save(probe, probe_file)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _VERIFY,
+                str(folder),
+                str(probe_file),
+                str(out_file),
+                str(dtype).removeprefix("torch."),
+            ],
+            capture_output=True,
+            text=True,
+            env=_clean_env(),
+        )
+        if result.returncode != 0:
+            tail = result.stderr.strip().splitlines()[-3:]
+            raise ExportError(f"export verification: plain transformers failed to load: {tail}")
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        logits = torch.load(out_file, weights_only=True)
+    if report["lightning_prune_imported"]:
+        raise ExportError("export verification: the reload process imported lightning_prune")
+    if report["generated"] < 1:
+        raise ExportError("export verification: generate produced no tokens")
+    error = (logits - expected).abs().max().item()
+    _check_error("reloaded model", error, tolerance)
+    report["logits_max_abs_error"] = error
+    return report
+
+
+def _clean_env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env

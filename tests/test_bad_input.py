@@ -46,7 +46,9 @@ def test_unknown_plugin_name_lists_known(tmp_path, capsys, small_model) -> None:
     with pytest.raises(SystemExit):
         run_fit(tmp_path, small_model, "--model.solver=proxymal")
     assert_cli_error(
-        capsys, "unknown solvers plugin 'proxymal': expected one of ['minimax', 'proximal'", tmp_path
+        capsys,
+        "unknown solvers plugin 'proxymal': expected one of ['minimax', 'proximal'",
+        tmp_path,
     )
 
 

@@ -238,6 +238,7 @@ def test_solver_needs_the_structured_family_and_the_lagrangian(tiny_models) -> N
 
 
 def test_distillation_teacher_is_the_same_model_with_masks_off(tiny_models) -> None:
+    torch.manual_seed(0)
     solver = MinimaxSolver(distill_weight=1.0)
     family = UniformStructuredFamily(keep_heads=0.5, keep_channels=0.5)
     module = PruningModule(family, solver, [UniformLagrangian()], tiny_models["llama"])
@@ -247,12 +248,13 @@ def test_distillation_teacher_is_the_same_model_with_masks_off(tiny_models) -> N
     terms = solver.loss_terms(module, {"input_ids": tokens}, module(tokens))
     assert terms["distill"].item() == pytest.approx(0.0, abs=1e-6)
     for gate in family.gates("heads"):
-        gate.logits.data.fill_(-1.0)  # mostly closed gates: the student differs
+        gate.logits.data.fill_(-0.5)  # mostly closed gates: the student differs
     family.set_mode("learn")
     terms = solver.loss_terms(module, {"input_ids": tokens}, module(tokens))
     assert terms["distill"].item() > 1e-4
     terms["distill"].backward()
-    assert family.gates("heads")[0].logits.grad.abs().sum() > 0
+    grads = [g.logits.grad for g in family.gates("heads") if g.logits.grad is not None]
+    assert sum(g.abs().sum() for g in grads) > 0
     assert family.gates("heads")[0].mode == "learn"  # restored after the teacher pass
 
 

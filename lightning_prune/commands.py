@@ -91,8 +91,13 @@ def run_evaluate(
     for name in baselines:
         initializer = registry.get("initializers", name)()
         batches = datamodule.train_dataloader() if initializer.needs_data else None
-        family.use_masks(initializer.compute(module.model, family, batches))
+        masks, weights = initializer.compute_with_weights(module.model, family, batches)
+        saved = {k: family.originals()[k].clone() for k in weights or {}}
+        family.apply_weights(weights or {})  # e.g. SparseGPT ships its updated weights
+        family.use_masks(masks)
         rows.append(measure(name, module.model))
+        family.apply_weights(saved)  # back to the run's own W0
+        family.updated_weights -= set(saved)
     if ckpt_path is not None:
         family.harden()
         rows.append(measure(f"learned ({Path(ckpt_path).name})", module.model))

@@ -11,6 +11,7 @@ from lightning_prune import __version__
 from lightning_prune.adapters import adapter_for
 from lightning_prune.errors import ConfigError
 from lightning_prune.masks.base import MaskFamily
+from lightning_prune.masks.init import build_initializer, initializer_name
 from lightning_prune.models import load_causal_lm
 from lightning_prune.registry import get_registry
 from lightning_prune.regularizers.base import Regularizer
@@ -28,8 +29,10 @@ class PruningModule(LightningModule):
         mask_family: what may be removed (e.g. ``nm``).
         solver: how the mask is learned (e.g. ``proximal``).
         regularizers: terms of the objective (e.g. ``nm_sparsity``).
-        init_mask: name of a one-shot initializer plugin used as warm start (e.g.
-            ``magnitude``); ``None`` starts from the pretrained weights.
+        init_mask: one-shot initializer plugin used as warm start: a name (e.g. ``magnitude``,
+            ``wanda``) or ``{class_path: NAME, init_args: {...}}``; ``None`` starts from the
+            pretrained weights. Applied when a trainer runs (``fit``/``validate``); export and
+            evaluate take the state from the checkpoint.
         dtype: dtype the LM is loaded in.
         attn_implementation: HF attention implementation.
     """
@@ -40,7 +43,7 @@ class PruningModule(LightningModule):
         solver: Solver,
         regularizers: list[Regularizer] | None = None,
         model: str = "smollm2-135m",
-        init_mask: str | None = None,
+        init_mask: str | dict[str, Any] | None = None,
         dtype: str = "float32",
         attn_implementation: str | None = "sdpa",
     ):
@@ -51,7 +54,7 @@ class PruningModule(LightningModule):
         self.regularizers = list(regularizers or [])
         self.init_mask = init_mask
         if init_mask is not None:
-            get_registry().info("initializers", init_mask)  # fail early on unknown names
+            get_registry().info("initializers", initializer_name(init_mask))  # fail early
         self.model: torch.nn.Module | None = None
         self.strict_loading = False  # checkpoints hold the learnable state only
 
@@ -65,19 +68,26 @@ class PruningModule(LightningModule):
         for regularizer in self.regularizers:
             regularizer.bind(self.mask_family)
         self.model = model
-        if self.init_mask is not None:
+        if self.init_mask is not None and self._trainer is not None:
             self.apply_initializer(self.init_mask)
 
-    def apply_initializer(self, name: str) -> None:
-        """Warm-start the mask family from the one-shot initializer plugin ``name``."""
-        initializer = get_registry().get("initializers", name)()
+    def apply_initializer(self, name: str | dict[str, Any]) -> None:
+        """Warm-start the mask family from a one-shot initializer plugin (name or spec).
+
+        Weights the initializer updates (SparseGPT) replace W0 through
+        ``MaskFamily.apply_weights`` and are saved in checkpoints.
+        """
+        initializer = build_initializer(name)
+        label = initializer_name(name)
         batches = None
         if initializer.needs_data:
             datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
             if datamodule is None:
-                raise ConfigError(f"init_mask '{name}' needs calibration data (a datamodule)")
+                raise ConfigError(f"init_mask '{label}' needs calibration data (a datamodule)")
             batches = datamodule.train_dataloader()
-        masks = initializer.compute(self.model, self.mask_family, batches)
+        masks, weights = initializer.compute_with_weights(self.model, self.mask_family, batches)
+        if weights:
+            self.mask_family.apply_weights(weights)
         self.mask_family.apply_initial_masks(masks)
 
     def setup(self, stage: str) -> None:
@@ -169,6 +179,10 @@ class PruningModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        trainable |= {  # W0 replaced by a one-shot method's updated weights (SparseGPT)
+            f"model.{name}.parametrizations.weight.original"
+            for name in getattr(self.mask_family, "updated_weights", ())
+        }
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if k in trainable
         }

@@ -67,6 +67,7 @@ class MaskFamily(ABC):
         self.include = include
         self.exclude = exclude
         self._targets: dict[str, nn.Module] = {}
+        self.updated_weights: set[str] = set()  # targets whose W0 was replaced (apply_weights)
 
     @abstractmethod
     def make_parametrization(self, name: str, module: nn.Module, transposed: bool) -> nn.Module:
@@ -130,6 +131,29 @@ class MaskFamily(ABC):
         for name, parametrization in self.parametrizations().items():
             parametrization.set_mode("hard")
             parametrization.final_mask = masks[name].to(parametrization.final_mask.device)
+
+    def apply_initial_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Warm start the learnable state from one-shot hard masks (storage orientation)."""
+        raise ConfigError(f"mask family {type(self).__name__} cannot start from an initial mask")
+
+    def apply_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Replace the pretrained weights W0 of some targets (e.g. SparseGPT's updated weights).
+
+        The hard mask then multiplies these weights, so measuring and exporting ship them;
+        the names are kept in ``updated_weights`` so checkpoints save the replaced tensors.
+        """
+        originals = self.originals()
+        for name, weight in weights.items():
+            if name not in originals:
+                raise ConfigError(f"apply_weights: '{name}' is not a target of this mask family")
+            if weight.shape != originals[name].shape:
+                raise ConfigError(
+                    f"apply_weights: '{name}' has shape {tuple(originals[name].shape)}, "
+                    f"got {tuple(weight.shape)}"
+                )
+            with torch.no_grad():
+                originals[name].copy_(weight.to(originals[name]))
+            self.updated_weights.add(name)
 
     def harden(self) -> None:
         """Switch every target to its final hard mask and verify the pattern."""

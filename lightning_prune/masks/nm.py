@@ -94,8 +94,16 @@ class NMMaskFamily(MaskFamily):
         return {"pattern": f"{self.n}:{self.m}", "n": self.n, "m": self.m, "group_dim": "input"}
 
     def apply_initial_masks(self, masks: dict[str, torch.Tensor]) -> None:
-        """Warm start: zero the surrogate outside the given masks (storage orientation)."""
+        """Warm start: zero the surrogate outside the given masks (storage orientation).
+
+        Kept weights that are exactly zero in W0 get the smallest positive value, so the top-N
+        rounding of an untouched warm start reproduces the given mask.
+        """
         for name, parametrization in self.parametrizations().items():
             if name in masks:
+                surrogate = parametrization.surrogate
+                keep = masks[name].to(surrogate.device, torch.bool)
                 with torch.no_grad():
-                    parametrization.surrogate.mul_(masks[name].to(parametrization.surrogate.dtype))
+                    surrogate.mul_(keep.to(surrogate.dtype))
+                    tiny = torch.finfo(surrogate.dtype).tiny
+                    surrogate.masked_fill_(keep & (surrogate == 0), tiny)

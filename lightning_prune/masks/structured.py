@@ -551,6 +551,59 @@ class UniformStructuredFamily(MaskFamily, nn.Module):
                 masks[name] = gate.expand(unit).expand(gate.weight_shape).clone()
         return masks
 
+    def gate_names(self, kind: str) -> list[str]:
+        """Qualified names of the gated output projections of ``kind``, one per layer."""
+        return list(self._names[kind])
+
+    def out_projection(self, kind: str) -> str:
+        """Module name inside a decoder layer whose input columns the ``kind`` gates own."""
+        return self._out_name(kind)
+
+    @torch.no_grad()
+    def masks_from_scores(
+        self, scores: dict[str, list[torch.Tensor] | dict[int, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """Uniform hard masks from per-unit scores: in every layer keep the top-scored units.
+
+        ``scores[kind]`` maps a layer index to one score per unit (``gates(kind)[i].units``);
+        a list covers every layer in order, a dict only the layers it names (e.g. one layer of
+        a layer-by-layer method). The kept count is the family's (:meth:`kept_counts`, the same
+        in every layer and, with GQA query pruning, in every KV group). Returns masks in
+        storage orientation, by gated module name.
+        """
+        counts, masks = self.kept_counts(), {}
+        for kind, by_layer in scores.items():
+            if kind not in self._gates:
+                raise ConfigError(f"masks_from_scores: '{kind}' is not pruned ({self.kinds()})")
+            gates = self._gates[kind]
+            items = enumerate(by_layer) if isinstance(by_layer, list) else by_layer.items()
+            for index, score in items:
+                if not 0 <= index < len(gates):
+                    raise ConfigError(f"masks_from_scores: no layer {index} ({len(gates)} layers)")
+                name, gate = self._names[kind][index], gates[index]
+                if score.numel() != gate.units:
+                    raise ConfigError(
+                        f"masks_from_scores: '{name}' has {gate.units} {kind}, got "
+                        f"{score.numel()} scores"
+                    )
+                score = score.detach().float().to(gate.logits.device).flatten()
+                unit = uniform_topk(score, counts[kind], gate.groups)
+                masks[name] = gate.expand(unit).expand(gate.weight_shape).clone()
+        return masks
+
+    @torch.no_grad()
+    def apply_initial_masks(self, masks: dict[str, torch.Tensor], logit: float = 3.0) -> None:
+        """Warm start: gate logits ``+logit`` for the units a one-shot mask keeps, ``-logit``
+        for the ones it removes (``masks`` in storage orientation, by gated module name)."""
+        for kind, gates in self._gates.items():
+            for name, gate in zip(self._names[kind], gates):
+                if name not in masks:
+                    continue
+                mask = masks[name].to(gate.logits.device)
+                columns = mask.any(1) if gate.transposed else mask.any(0)
+                kept = columns.reshape(gate.units, gate.unit_size).any(-1)
+                gate.logits.copy_(torch.where(kept, logit, -logit).to(gate.logits))
+
     def _out_name(self, kind: str) -> str:
         return self.spec.attn_out if kind == "heads" else self.spec.mlp_out
 

@@ -1,0 +1,284 @@
+"""One-shot baselines plugin (lightning-prune-baselines): each method against a direct computation,
+warm starts, the oneshot solver through the real CLI, and bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lightning_prune.errors import ConfigError
+from lightning_prune.masks.init import build_initializer
+from lightning_prune.masks.nm import NMMaskFamily
+from lightning_prune.masks.structured import UniformStructuredFamily
+from lightning_prune.module import PruningModule
+from lightning_prune.ops.hard_concrete import uniform_topk
+from lightning_prune.ops.nm_prox import is_nm, nm_topn_mask
+from lightning_prune.registry import PluginError
+from lightning_prune.solvers.minimax import MinimaxSolver
+from lightning_prune.solvers.proximal import ProximalSolver
+
+pytest.importorskip("lightning_prune_baselines")
+
+from lightning_prune_baselines.ops import sparsegpt  # noqa: E402
+
+
+def build(path: str, family) -> PruningModule:
+    solver = MinimaxSolver() if isinstance(family, UniformStructuredFamily) else ProximalSolver()
+    module = PruningModule(family, solver, model=path)
+    module.configure_model()
+    return module
+
+
+def random_batches(vocab: int, count: int = 3, length: int = 24) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        {"input_ids": torch.randint(0, vocab, (2, length), generator=generator)}
+        for _ in range(count)
+    ]
+
+
+def dense_inputs(module: PruningModule, names: list[str], batches) -> dict[str, torch.Tensor]:
+    """Inputs of the named modules in a dense forward, ``[tokens, in]``."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [
+        module.model.get_submodule(n).register_forward_pre_hook(
+            lambda mod, args, n=n: seen[n].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for n in names
+    ]
+    module.mask_family.set_mode("off")
+    with torch.no_grad():
+        for batch in batches:
+            module.model(input_ids=batch["input_ids"])
+    for handle in handles:
+        handle.remove()
+    return {n: torch.cat(v).double() for n, v in seen.items()}
+
+
+@pytest.fixture(scope="module")
+def llama_nm(tiny_models):
+    module = build(tiny_models["llama"], NMMaskFamily(2, 4))
+    return module, random_batches(module.model.config.vocab_size)
+
+
+# -- Wanda ---------------------------------------------------------------------------------------
+def test_wanda_matches_scores_computed_by_hand(llama_nm) -> None:
+    module, batches = llama_nm
+    masks = build_initializer("wanda").compute(module.model, module.mask_family, batches)
+    layer0 = [n for n in masks if n.startswith("model.layers.0.")]
+    inputs = dense_inputs(module, layer0, batches)  # layer 0 sees the dense model's inputs
+    for name in layer0:
+        weight = module.mask_family.originals()[name].double()
+        scores = weight.abs() * inputs[name].pow(2).sum(0).sqrt()[None, :]
+        assert torch.equal(masks[name], nm_topn_mask(scores, 2, 4)), name
+    for name, mask in masks.items():
+        assert is_nm(mask.float(), 2, 4) and mask.float().mean() == 0.5, name
+
+
+def test_wanda_on_gpt2_conv1d_groups_run_along_the_input_dim(tiny_models) -> None:
+    module = build(tiny_models["gpt2"], NMMaskFamily(2, 4))
+    batches = random_batches(module.model.config.vocab_size)
+    masks = build_initializer("wanda").compute(module.model, module.mask_family, batches)
+    name = "transformer.h.0.mlp.c_fc"  # Conv1D: weight stored [in, out]
+    weight = module.mask_family.originals()[name].double()
+    x = dense_inputs(module, [name], batches)[name]
+    scores = weight.abs().t() * x.pow(2).sum(0).sqrt()[None, :]  # [out, in]
+    assert masks[name].shape == weight.shape
+    assert torch.equal(masks[name].t(), nm_topn_mask(scores, 2, 4))
+    module.mask_family.apply_initial_masks(masks)
+    module.mask_family.harden()  # the family's own N:M check passes
+
+
+def test_wanda_unstructured_sparsity_removes_that_share_of_every_row(llama_nm) -> None:
+    module, batches = llama_nm
+    wanda = build_initializer({"class_path": "wanda", "init_args": {"sparsity": 0.25}})
+    masks = wanda.compute(module.model, module.mask_family, batches)
+    rows = masks["model.layers.1.mlp.down_proj"]
+    assert torch.all(rows.sum(1) == round(0.75 * rows.shape[1]))
+
+
+# -- SparseGPT -----------------------------------------------------------------------------------
+def _problem(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    mix = torch.randn(32, 32, generator=generator)
+    x = torch.randn(512, 32, generator=generator) @ mix  # correlated inputs
+    weight = torch.randn(16, 32, generator=generator)
+    return weight, x
+
+
+def test_sparsegpt_beats_magnitude_and_wanda_on_reconstruction() -> None:
+    weight, x = _problem()
+    mask, updated, used = sparsegpt(weight, x.t() @ x, 2, 4, blocksize=8)
+    assert used == 0.01 and is_nm(updated, 2, 4) and torch.equal(updated != 0, mask)
+
+    def error(w: torch.Tensor) -> float:
+        return float((x @ weight.t() - x @ w.t()).norm())
+
+    magnitude = weight * nm_topn_mask(weight, 2, 4)
+    wanda = weight * nm_topn_mask(weight.abs() * x.norm(dim=0)[None, :], 2, 4)
+    assert error(updated) < 0.9 * min(error(magnitude), error(wanda))
+    unstructured, values, _ = sparsegpt(weight, x.t() @ x, sparsity=0.5, blocksize=8)
+    assert abs(unstructured.float().mean().item() - 0.5) < 0.02
+    assert error(values) < error(weight * (weight.abs() >= weight.abs().median()))
+
+
+def test_sparsegpt_first_column_matches_the_obs_formula() -> None:
+    """With a block of one group, the kept weights of later columns move by the OBS update."""
+    weight, x = _problem(1)
+    h = (x.t() @ x).double()
+    mask, updated, _ = sparsegpt(weight, h, 3, 4, blocksize=4, percdamp=0.0)
+    hinv = torch.linalg.inv(h)
+    w = weight.double()
+    # first group: saliency w^2 / [chol(H^-1)]_jj^2, upper factor's diagonal
+    upper = torch.linalg.cholesky(hinv, upper=True)
+    diag = upper.diagonal()[:4]
+    drop = (w[:, :4].pow(2) / diag.pow(2)).argmin(1)
+    assert torch.equal(~mask[:, :4], torch.nn.functional.one_hot(drop, 4).bool())
+    # rows that prune column 0: the later columns of the group move by the OBS update
+    # delta_j = -w_0 [H^-1]_0j / [H^-1]_00 (nothing else touches them afterwards)
+    rows = (drop == 0).nonzero().flatten()
+    assert rows.numel() > 0
+    expected = w[rows, 1:4] - w[rows, :1] * (hinv[0, 1:4] / hinv[0, 0])[None, :]
+    assert torch.allclose(updated[rows, 1:4].double(), expected, atol=1e-4)
+
+
+def test_sparsegpt_update_weights_and_mask_only(llama_nm) -> None:
+    module, batches = llama_nm
+    family = module.mask_family
+    masks, weights = build_initializer("sparsegpt").compute_with_weights(
+        module.model, family, batches
+    )
+    name = "model.layers.1.self_attn.o_proj"
+    assert is_nm(weights[name], 2, 4) and torch.equal(weights[name] != 0, masks[name])
+    original = family.originals()[name]
+    assert not torch.allclose(weights[name], original * masks[name])  # values were updated
+    keep = build_initializer({"class_path": "sparsegpt", "init_args": {"update_weights": False}})
+    masks_only, none = keep.compute_with_weights(module.model, family, batches)
+    assert none is None and is_nm(masks_only[name].float(), 2, 4)
+
+
+def test_singular_hessian_raises_damping_and_says_so() -> None:
+    weight, x = _problem()
+    few = x[:3]  # rank 3 Hessian of a 32-wide input: singular without damping
+    with pytest.warns(UserWarning, match="raised damping to percdamp=0.01"):
+        mask, updated, used = sparsegpt(weight, few.t() @ few, 2, 4, blocksize=8, percdamp=0.0)
+    assert used == 0.01 and is_nm(updated, 2, 4)
+    with pytest.raises(ConfigError, match="singular"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sparsegpt(weight, torch.zeros(32, 32) - 1, 2, 4, percdamp=0.0, max_percdamp=0.1)
+
+
+# -- structured ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama_structured(tiny_models):
+    family = UniformStructuredFamily(keep_heads=0.5, keep_channels=0.5, gate="sigmoid_topk")
+    module = build(tiny_models["llama"], family)
+    return module, random_batches(module.model.config.vocab_size)
+
+
+@pytest.mark.parametrize("method", ["wanda_sp", "flap"])
+def test_structured_scores_match_direct_computation(llama_structured, method) -> None:
+    module, batches = llama_structured
+    family = module.mask_family
+    masks = build_initializer(method).compute(module.model, family, batches)
+    counts = family.kept_counts()
+    names = {"heads": "model.layers.0.self_attn.o_proj", "channels": "model.layers.0.mlp.down_proj"}
+    inputs = dense_inputs(module, list(names.values()), batches)
+    for kind, name in names.items():
+        weight = family.originals()[name].double()
+        x = inputs[name]
+        if method == "wanda_sp":
+            columns = (weight.abs() * x.norm(dim=0)[None, :]).sum(0)
+        else:
+            columns = x.var(0) * weight.pow(2).sum(0)
+        gate = family.gates(kind)[0]
+        unit = uniform_topk(columns.reshape(gate.units, -1).sum(-1), counts[kind], gate.groups)
+        assert torch.equal(masks[name], gate.expand(unit).expand(gate.weight_shape)), kind
+    for kind in family.kinds():  # uniform: the same count in every layer
+        for name in family.gate_names(kind):
+            gate = family.gates(kind)[0]
+            kept = masks[name].any(0).reshape(gate.units, -1).any(-1).sum()
+            assert int(kept) == counts[kind]
+
+
+def test_structured_warm_start_sets_minimax_scores(llama_structured) -> None:
+    module, batches = llama_structured
+    family = module.mask_family
+    masks = build_initializer("magnitude_structured").compute(module.model, family)
+    assert masks.keys() == family.magnitude_masks().keys()
+    wanda_sp = build_initializer("wanda_sp").compute(module.model, family, batches)
+    family.apply_initial_masks(wanda_sp)
+    family.harden()  # the final mask of the warm-started logits is the one-shot mask
+    for name, parametrization in family.parametrizations().items():
+        assert torch.equal(parametrization.hard_mask(), wanda_sp[name]), name
+    family.set_mode("learn")
+
+
+# -- bad input -----------------------------------------------------------------------------------
+def test_methods_refuse_the_wrong_family(llama_nm, llama_structured) -> None:
+    nm_module, batches = llama_nm
+    structured_module, _ = llama_structured
+    for method in ("wanda_sp", "flap", "magnitude_structured"):
+        with pytest.raises(ConfigError, match="uniform_structured mask family"):
+            build_initializer(method).compute(nm_module.model, nm_module.mask_family, batches)
+    for method in ("wanda", "sparsegpt"):
+        with pytest.raises(ConfigError, match="needs the nm mask family"):
+            build_initializer(method).compute(
+                structured_module.model, structured_module.mask_family, batches
+            )
+
+
+def test_unknown_method_and_options_are_named() -> None:
+    with pytest.raises(PluginError, match=r"expected one of \[.*flap.*sparsegpt.*wanda"):
+        build_initializer("obs")
+    with pytest.raises(ConfigError, match="init_mask 'wanda'"):
+        build_initializer({"class_path": "wanda", "init_args": {"percdamp": 0.1}})
+
+
+def test_short_or_missing_calibration_data_is_refused(llama_nm) -> None:
+    module, batches = llama_nm
+    family = module.mask_family
+    family.set_mode("learn")
+    short = build_initializer({"class_path": "sparsegpt", "init_args": {"min_tokens": 1000}})
+    with pytest.raises(ConfigError, match="holds 144 tokens, the method needs at least 1000"):
+        short.compute(module.model, family, batches)
+    with pytest.raises(ConfigError, match="needs calibration batches"):
+        build_initializer("wanda").compute(module.model, family, None)
+    assert family.parametrizations()["model.layers.0.mlp.up_proj"].mode == "learn"
+
+
+# -- one-shot run through the CLI ----------------------------------------------------------------
+def test_oneshot_sparsegpt_fit_then_export(tiny_models, tmp_path) -> None:
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from lightning_prune.cli import main
+
+    config = Path(__file__).parents[1] / "configs" / "wanda_2of4.yaml"
+    words = "the river city north old music season paper light stone field early".split()
+    generator = torch.Generator().manual_seed(0)
+    text = tmp_path / "calibration.txt"  # small local corpus: no tokenizing of Wikipedia
+    text.write_text("\n\n".join(
+        " ".join(words[i] for i in torch.randint(0, len(words), (80,), generator=generator))
+        for _ in range(20)
+    ))
+    spec = "--model.init_mask={class_path: sparsegpt, init_args: {blocksize: 32}}"
+    model = tiny_models["llama"]  # random weights: no exact zeros to tie with pruned ones
+    common = ["--config", str(config), f"--model.model={model}", spec]
+    main(["fit", *common, "--data.seq_len=32", "--data.num_samples=4", f"--data.source={text}",
+          f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert sum(k.endswith(".original") for k in state) == 14  # SparseGPT's updated weights
+    out = tmp_path / "export"
+    main(["export", *common, f"--ckpt_path={ckpt}", f"--output_dir={out}"])
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    key = "model.model.layers.1.mlp.down_proj.parametrizations.weight.original"
+    exported = reloaded.model.layers[1].mlp.down_proj.weight
+    assert is_nm(exported, 2, 4) and torch.allclose(exported, state[key], atol=1e-6)
+    original = AutoModelForCausalLM.from_pretrained(model).model.layers[1].mlp.down_proj
+    assert not torch.allclose(exported, original.weight * (exported != 0))  # updated values

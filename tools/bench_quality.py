@@ -1,0 +1,168 @@
+"""Quality benchmark: one-shot baselines against the learned solvers, same calibration tokens.
+
+Held-out perplexity on Wikipedia and Shakespeare of
+- 2:4: dense, magnitude, Wanda, SparseGPT, proximal (from W0), proximal (from Wanda);
+- ~25% uniform structured: magnitude-structured, Wanda-sp, FLAP-style, minimax;
+plus the share of the Wanda→dense gap the learned 2:4 closes. Needs the
+lightning-prune-baselines plugin. Prints a table and writes JSON.
+
+    python tools/bench_quality.py --samples 64 --seq-len 512 --output bench_results/quality.json
+    python tools/bench_quality.py --model /tmp/small --samples 2 --seq-len 32 --eval-tokens 64 \
+        --output /tmp/quality.json   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from lightning_prune.data import CalibrationDataModule
+from lightning_prune.evaluation import format_table, perplexity, write_json
+from lightning_prune.masks.init import build_initializer
+from lightning_prune.masks.nm import NMMaskFamily
+from lightning_prune.masks.structured import UniformStructuredFamily
+from lightning_prune.module import PruningModule
+from lightning_prune.regularizers.nm_sparsity import NMSparsityRegularizer
+from lightning_prune.regularizers.uniform_lagrangian import UniformLagrangian
+from lightning_prune.solvers.minimax import MinimaxSolver
+from lightning_prune.solvers.proximal import ProximalSolver
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--samples", type=int, default=64, help="calibration sequences")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--lam", type=float, default=0.1, help="scale-free λ of nm_sparsity")
+    parser.add_argument("--lr", type=float, default=1e-4, help="proximal learning rate")
+    parser.add_argument("--budget", type=float, default=0.25, help="structured: share removed")
+    parser.add_argument("--channel-multiple", type=int, default=32)
+    parser.add_argument("--minimax-lr", type=float, default=0.2)
+    parser.add_argument("--skip-learned", action="store_true", help="one-shot rows only")
+    parser.add_argument("--output", default="bench_results/quality.json")
+    return parser.parse_args()
+
+
+def fit(module: PruningModule, data: CalibrationDataModule) -> float:
+    """One epoch over the calibration windows; returns seconds."""
+    started = time.perf_counter()
+    trainer = Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False,
+                      enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+                      enable_model_summary=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=data)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    seed_everything(0)
+    data = CalibrationDataModule(source="wikipedia", tokenizer=args.model, seq_len=args.seq_len,
+                                 num_samples=args.samples, eval_tokens=args.eval_tokens)
+    data.setup()
+    sources = {"wikipedia": data.heldout_windows()}
+    sources["shakespeare"] = data.heldout_windows(data.load_splits("shakespeare"))
+    rows: list[dict] = []
+    seconds: dict[str, float] = {}
+
+    def measure(label: str, section: str, model: torch.nn.Module) -> dict:
+        row = {"section": section, "model": label}
+        for name, windows in sources.items():
+            row[name] = perplexity(model, windows, desc=f"{label}/{name}")
+        print(format_table([row], ["section", "model", *sources]).splitlines()[-1], flush=True)
+        rows.append(row)
+        return row
+
+    def one_shot(module: PruningModule, name: str, label: str, section: str) -> dict:
+        family = module.mask_family
+        started = time.perf_counter()
+        initializer = build_initializer(name)
+        batches = data.train_dataloader() if initializer.needs_data else None
+        masks, weights = initializer.compute_with_weights(module.model, family, batches)
+        seconds[label] = time.perf_counter() - started
+        saved = {n: w.detach().clone() for n, w in family.originals().items()}
+        if weights:
+            family.apply_weights(weights)
+        family.use_masks(masks)
+        row = measure(label, section, module.model)
+        with torch.no_grad():  # back to W0 for the next method
+            for n, w in family.originals().items():
+                w.copy_(saved[n])
+        family.updated_weights.clear()
+        return row
+
+    # -- 2:4 --------------------------------------------------------------------------------
+    def nm_module(init: str | None = None) -> PruningModule:
+        return PruningModule(
+            NMMaskFamily(2, 4), ProximalSolver(lr=args.lr),
+            [NMSparsityRegularizer(lam=args.lam, lam_mode="scale_free")],
+            model=args.model, init_mask=init,
+        )
+
+    module = nm_module()
+    module.configure_model()
+    module.mask_family.set_mode("off")
+    dense = measure("dense", "2:4", module.model)
+    for name in ("magnitude", "wanda", "sparsegpt"):
+        one_shot(module, name, name, "2:4")
+    wanda = rows[-2]
+    if not args.skip_learned:
+        for init in (None, "wanda"):
+            module = nm_module(init)
+            label = f"proximal (from {init or 'W0'})"
+            module.mask_family.set_mode("learn")
+            seconds[label] = fit(module, data)
+            module.mask_family.harden()
+            measure(label, "2:4", module.model)
+    # -- uniform structured -----------------------------------------------------------------
+    def structured_module() -> PruningModule:
+        family = UniformStructuredFamily(budget=args.budget,
+                                         channel_multiple=args.channel_multiple)
+        return PruningModule(family, MinimaxSolver(lr=args.minimax_lr), [UniformLagrangian()],
+                             model=args.model)
+
+    module = structured_module()
+    module.configure_model()
+    for name in ("magnitude_structured", "wanda_sp", "flap"):
+        one_shot(module, name, name, f"structured {args.budget:.0%}")
+    shape = module.mask_family.exported_shape()
+    if not args.skip_learned:
+        module = structured_module()
+        seconds["minimax"] = fit(module, data)
+        module.mask_family.harden()
+        measure("minimax", f"structured {args.budget:.0%}", module.model)
+        shape = module.mask_family.exported_shape()
+
+    gap = {}
+    for row in rows:
+        if row["model"].startswith("proximal"):
+            gap[row["model"]] = {
+                s: (wanda[s] - row[s]) / (wanda[s] - dense[s]) for s in sources
+            }
+    print("\nheld-out perplexity (lower is better)")
+    print(format_table(rows, ["section", "model", *sources]))
+    if gap:
+        print("\nshare of the Wanda→dense gap closed by the learned 2:4 mask")
+        print(format_table([{"model": k, **v} for k, v in gap.items()], ["model", *sources]))
+    result = {
+        "config": vars(args),
+        "calibration_tokens": args.samples * args.seq_len,
+        "perplexity": rows,
+        "gap_closed_vs_wanda": gap,
+        "structured_shape": shape,
+        "seconds": seconds,
+        "eval_tokens": {k: int(v.numel()) for k, v in sources.items()},
+        "torch_threads": torch.get_num_threads(),
+    }
+    write_json(Path(args.output), result)
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ Prints (and writes as JSON) held-out perplexity on Wikipedia and Shakespeare for
 magnitude 2:4 and learned 2:4 (same calibration tokens for every method), plus the step-time
 split (forward, backward, optimizer, prox) and the proximal step against a plain AdamW step.
 
-    python tools/bench_proxsparse.py --samples 64 --seq-len 512 --output bench_results/proxsparse.json
+    python tools/bench_proxsparse.py --samples 64 --seq-len 512
 """
 
 from __future__ import annotations

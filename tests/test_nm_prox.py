@@ -208,6 +208,7 @@ def test_prox_2_4_below_fine_grid(backend: str) -> None:
 def test_prox_limits(n: int, m: int) -> None:
     torch.manual_seed(0)
     z = torch.randn(16, 4 * m) * 0.05
+    z_before = z.clone()
     assert torch.equal(nm_prox(z, 0.0, n, m), z)  # lam = 0: identity
     kept = z * nm_topn_mask(z, n, m)
     assert torch.equal(nm_prox(kept, 1e3, n, m), kept)  # N:M input: penalty-free, unchanged
@@ -215,6 +216,7 @@ def test_prox_limits(n: int, m: int) -> None:
     assert is_nm(huge, n, m)
     assert torch.equal(huge, kept)
     assert torch.equal(nm_prox(z, 5.0, m, m), z)  # n = m: no penalty
+    assert torch.equal(z, z_before)  # the input is never modified
 
 
 def test_prox_per_row_lambda_and_out() -> None:
@@ -249,7 +251,10 @@ def test_native_matches_eager() -> None:
     b = _prox("eager24", z, lam, 2, 4)
     a_ref = z.double().abs().view(-1, 4)
     lam_ref = lam.double().repeat_interleave(77)
-    oa, ob = _objective(a.view(-1, 4), a_ref, lam_ref, 2), _objective(b.view(-1, 4), a_ref, lam_ref, 2)
+    oa, ob = (
+        _objective(a.view(-1, 4), a_ref, lam_ref, 2),
+        _objective(b.view(-1, 4), a_ref, lam_ref, 2),
+    )
     assert torch.allclose(oa, ob, rtol=1e-5, atol=1e-12)
     assert (a - b).abs().max().item() < 1e-5
     # non-contiguous input and 3-D input go through the same kernel; the input is not modified

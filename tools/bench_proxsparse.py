@@ -32,7 +32,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--samples", type=int, default=64, help="calibration sequences")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--lam", type=float, default=0.1, help="scale-free λ of nm_sparsity")
+    parser.add_argument("--lam", type=float, default=0.01, help="scale-free λ of nm_sparsity")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--init", default=None, help="warm start initializer (e.g. magnitude)")
     parser.add_argument("--eval-tokens", type=int, default=16384)

@@ -214,9 +214,7 @@ def _cd_start(a_k: Tensor, lam: Tensor, n: int) -> Tensor:
         return w
     aa, al, ww = a_k[:, nonconvex], lam[nonconvex], w[:, nonconvex]
     for _ in range(_WARMUP_ITERS):
-        jac = torch.stack(
-            [_esym_cols([ww[j] for j in range(k) if j != i], n) for i in range(k)]
-        )
+        jac = torch.stack([_esym_cols([ww[j] for j in range(k) if j != i], n) for i in range(k)])
         ww = torch.lerp(ww, torch.clamp_min(aa - al * jac, 0.0), _WARMUP_DAMPING)
     w[:, nonconvex] = ww
     return w
@@ -293,10 +291,6 @@ def _prox_general(a: Tensor, lam: Tensor, n: int, max_sweeps: int, tol: float) -
 # --------------------------------------------------------------------------------------------
 # prox, 2:4 eager path (vectorised, no sort: a sorting network plus ranks)
 # --------------------------------------------------------------------------------------------
-def _relu(x: Tensor) -> Tensor:
-    return torch.clamp_min(x, 0.0)
-
-
 def _prox24_eager(g: Tensor, lam: Tensor, max_sweeps: int, tol: float) -> Tensor:
     """2:4 prox of ``g`` (``[..., 4]``) with ``lam`` broadcastable to ``g[..., 0]``.
 
@@ -500,7 +494,7 @@ _MIN_GROUPS_PER_THREAD = 32768
 _native_lock = threading.Lock()
 _native_state: dict[str, object] = {}  # "fn": callable | None, "reason": str
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool_key: tuple[int, int] = (0, 0)  # (pid, workers): a forked child must not reuse the pool
 
 
 def _build_native() -> tuple[object | None, str]:
@@ -567,7 +561,7 @@ def _native_fn() -> object | None:
 
 def _run_native(fn, src: Tensor, dst: Tensor, lam2d: Tensor, max_sweeps: int, tol: float) -> None:
     """Run the kernel on contiguous fp32 ``src``/``dst`` ``[R, C, 4]``; ``lam2d`` is ``[R, C]``."""
-    global _pool, _pool_size
+    global _pool, _pool_key
     rows, c_groups = src.shape[0], src.shape[1]
     for t in (src, dst, lam2d):  # raw pointers below: insist on the layout the C code assumes
         if t.dtype != torch.float32 or t.device.type != "cpu":
@@ -585,10 +579,11 @@ def _run_native(fn, src: Tensor, dst: Tensor, lam2d: Tensor, max_sweeps: int, to
         fn(*args, 0, total, *tail)
         return
     with _native_lock:
-        if _pool is None or _pool_size != nthreads:
-            if _pool is not None:
+        key = (os.getpid(), nthreads)
+        if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key[0] == key[0]:
                 _pool.shutdown(wait=False)
-            _pool, _pool_size = ThreadPoolExecutor(nthreads, "nm_prox"), nthreads
+            _pool, _pool_key = ThreadPoolExecutor(nthreads, "nm_prox"), key
         pool = _pool
     step = -(-total // nthreads)
     step = -(-step // 32) * 32
@@ -688,8 +683,7 @@ def nm_prox(
     lam_g = _lam_per_group(lam, z, g.shape[:-1])
     if out is not None and (out.shape != z.shape or out.dtype != z.dtype):
         raise ValueError(
-            f"out has shape {tuple(out.shape)} / {out.dtype}, expected "
-            f"{tuple(z.shape)} / {z.dtype}"
+            f"out has shape {tuple(out.shape)} / {out.dtype}, expected {tuple(z.shape)} / {z.dtype}"
         )
     if n >= m or z.numel() == 0:  # the penalty e_{m+1} is identically zero
         return z.clone() if out is None else out.copy_(z)

@@ -28,7 +28,7 @@ class NMSparsityRegularizer(Regularizer):
 
     def __init__(
         self,
-        lam: float = 0.1,
+        lam: float = 0.01,
         lam_mode: Literal["absolute", "scale_free"] = "scale_free",
         prox_step: Literal["lambda", "lr_lambda"] = "lambda",
     ):

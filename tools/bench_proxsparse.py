@@ -20,6 +20,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from lightning_prune.data import CalibrationDataModule
 from lightning_prune.evaluation import format_table, perplexity, write_json
+from lightning_prune.masks.init import build_initializer
 from lightning_prune.masks.magnitude import MagnitudeInit
 from lightning_prune.masks.nm import NMMaskFamily
 from lightning_prune.module import PruningModule
@@ -47,7 +48,6 @@ def build(args: argparse.Namespace) -> tuple[PruningModule, CalibrationDataModul
         ProximalSolver(lr=args.lr),
         [NMSparsityRegularizer(lam=args.lam, lam_mode="scale_free")],
         model=args.model,
-        init_mask=args.init,
     )
     data = CalibrationDataModule(source="wikipedia", tokenizer=args.model, seq_len=args.seq_len,
                                  num_samples=args.samples, eval_tokens=args.eval_tokens)
@@ -111,6 +111,14 @@ def main() -> None:
     rows.append(measure("dense"))
     family.use_masks(MagnitudeInit().compute(module.model, family))
     rows.append(measure("magnitude 2:4"))
+    if args.init:  # warm start: the one-shot mask is measured too, then learning starts from it
+        initializer = build_initializer(args.init)
+        batches = data.train_dataloader() if initializer.needs_data else None
+        masks = initializer.compute(module.model, family, batches)
+        if args.init != "magnitude":
+            family.use_masks(masks)
+            rows.append(measure(f"{args.init} 2:4"))
+        family.apply_initial_masks(masks)
     family.set_mode("learn")
     started = time.perf_counter()
     trainer = Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False,

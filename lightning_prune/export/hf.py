@@ -28,6 +28,38 @@ def _probe_tokens(vocab_size: int, length: int = 32) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, length), generator=generator)
 
 
+def masked_reference(module: PruningModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Harden the masks; return fixed probe tokens and the masked model's logits on them."""
+    module.mask_family.harden()
+    probe = _probe_tokens(module.model.config.vocab_size)
+    with torch.no_grad():
+        expected = module.model(input_ids=probe).logits.float()
+    return probe, expected
+
+
+def export_record(module: PruningModule, run_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The fields of ``pruning.json`` that every export format shares."""
+    family = module.mask_family
+    return {
+        "lightning_prune_version": __version__,
+        "source_model": module.model_name,
+        "method": type(module.solver).__name__,
+        "init_mask": module.init_mask,
+        "mask_family": type(family).__name__,
+        **family.describe(),
+        "config": run_config or {},
+    }
+
+
+def write_export_folder(folder: Path, model, model_name: str, record: dict[str, Any]) -> None:
+    """Save weights, the source model's tokenizer and ``pruning.json`` into ``folder``."""
+    from lightning_prune.models import load_tokenizer
+
+    model.save_pretrained(folder)
+    load_tokenizer(model_name).save_pretrained(folder)
+    (folder / "pruning.json").write_text(json.dumps(record, indent=2))
+
+
 def export_hf(
     module: PruningModule,
     output_dir: str | Path,
@@ -40,29 +72,13 @@ def export_hf(
     """
     from transformers import AutoModelForCausalLM
 
-    from lightning_prune.models import load_tokenizer
-
     model, family = module.model, module.mask_family
-    family.harden()
-    probe = _probe_tokens(model.config.vocab_size)
-    with torch.no_grad():
-        expected = model(input_ids=probe).logits.float()
-    record = {
-        "lightning_prune_version": __version__,
-        "source_model": module.model_name,
-        "method": type(module.solver).__name__,
-        "init_mask": module.init_mask,
-        "mask_family": type(family).__name__,
-        **family.describe(),
-        "sparsity": family.sparsity_report(),
-        "config": run_config or {},
-    }
+    probe, expected = masked_reference(module)
+    record = {**export_record(module, run_config), "sparsity": family.sparsity_report()}
     checker = family.exported_checker()
     family.bake()
     with atomic_directory(output_dir, overwrite) as tmp:
-        model.save_pretrained(tmp)
-        load_tokenizer(module.model_name).save_pretrained(tmp)
-        (tmp / "pruning.json").write_text(json.dumps(record, indent=2))
+        write_export_folder(tmp, model, module.model_name, record)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype).eval()
         checker(reloaded)
         with torch.no_grad():

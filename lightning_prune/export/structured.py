@@ -20,9 +20,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lightning_prune import __version__
 from lightning_prune.export.atomic import atomic_directory
-from lightning_prune.export.hf import ExportError
+from lightning_prune.export.hf import (
+    ExportError,
+    export_record,
+    masked_reference,
+    write_export_folder,
+)
 
 if TYPE_CHECKING:
     from lightning_prune.module import PruningModule
@@ -51,11 +55,6 @@ print(json.dumps({
         "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "n_inner")},
 }))
 """
-
-
-def _probe_tokens(vocab_size: int, length: int = 32) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(1234)
-    return torch.randint(0, vocab_size, (2, length), generator=generator)
 
 
 def _param_count(model: nn.Module) -> int:
@@ -116,29 +115,19 @@ def export_structured_hf(
     """
     from transformers import AutoModelForCausalLM
 
-    from lightning_prune.models import load_tokenizer
-
     model, family = module.model, module.mask_family
     dense_params = _param_count(model) - sum(
         p.numel() for g in family.parametrizations().values() for p in g.parameters()
     )
-    family.harden()
-    probe = _probe_tokens(model.config.vocab_size)
-    with torch.no_grad():
-        expected = model(input_ids=probe).logits.float()
+    probe, expected = masked_reference(module)
     layouts = family.layer_layouts()
     shape = family.exported_shape()
     record = {
-        "lightning_prune_version": __version__,
-        "source_model": module.model_name,
-        "method": type(module.solver).__name__,
-        "mask_family": type(family).__name__,
-        **family.describe(),
+        **export_record(module, run_config),
         "kept_units": {
             kind: [layout[kind].tolist() for layout in layouts]
             for kind in ("heads", "kv_heads", "channels")
         },
-        "config": run_config or {},
     }
     checker = family.exported_checker()
     family.bake()
@@ -169,9 +158,7 @@ def export_structured_hf(
     }
     record["verification"] = {"logits_max_abs_error": error, "tolerance": tolerance}
     with atomic_directory(output_dir, overwrite) as tmp:
-        small.save_pretrained(tmp)
-        load_tokenizer(module.model_name).save_pretrained(tmp)
-        (tmp / "pruning.json").write_text(json.dumps(record, indent=2))
+        write_export_folder(tmp, small, module.model_name, record)
         report = _verify_in_fresh_process(tmp, probe, expected, tolerance, model.dtype)
         if report["params"] != pruned_params:
             raise ExportError(

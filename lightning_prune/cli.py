@@ -27,17 +27,28 @@ class PruningTrainer(Trainer):
         output_dir: str = "exports/pruned",
         format: str = "hf",
         overwrite: bool = False,
+        dtype: str | None = None,
     ) -> None:
-        """Export the pruned model of a fit checkpoint (formats: hf).
+        """Export the pruned model of a fit checkpoint (formats: hf, compressed-nm).
 
         Args:
             ckpt_path: fit checkpoint to export.
             output_dir: folder to write (atomically; refused if it exists unless overwrite).
-            format: ``hf``, a dense HF checkpoint with exact zeros.
+            format: ``hf``: a dense HF checkpoint (N:M: exact zeros; structured: a smaller
+                model); ``compressed-nm``: N:M weights as kept values plus 2-bit positions
+                (docs/compressed-nm.md), loaded with ``lightning_prune.load_pretrained``.
             overwrite: replace an existing ``output_dir``.
+            dtype: write the weights as ``float16``/``bfloat16``/``float32``
+                (``compressed-nm`` only; default: the model's dtype).
         """
         run_export(
-            model, ckpt_path, output_dir, format, overwrite, getattr(self, "run_config", None)
+            model,
+            ckpt_path,
+            output_dir,
+            format,
+            overwrite,
+            getattr(self, "run_config", None),
+            dtype,
         )
 
     def evaluate(

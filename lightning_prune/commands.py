@@ -17,7 +17,7 @@ from lightning_prune.export.atomic import check_target
 from lightning_prune.module import PruningModule
 from lightning_prune.registry import get_registry
 
-EXPORT_FORMATS = ("hf",)
+EXPORT_FORMATS = ("hf", "compressed-nm")
 
 
 def run_export(
@@ -27,18 +27,32 @@ def run_export(
     export_format: str,
     overwrite: bool,
     run_config: dict[str, Any] | None = None,
+    dtype: str | None = None,
 ) -> Path:
-    """Load the fit checkpoint, then write the export of ``export_format``."""
+    """Load the fit checkpoint, then write the export of ``export_format``.
+
+    ``dtype`` casts the written weights (``compressed-nm`` only; ``hf`` keeps the model's).
+    """
     if export_format not in EXPORT_FORMATS:
         raise ConfigError(
             f"format: unknown export format '{export_format}', expected {EXPORT_FORMATS}"
         )
     if ckpt_path is None:
         raise ConfigError("ckpt_path: export needs a fit checkpoint (--ckpt_path)")
+    if dtype is not None and export_format != "compressed-nm":
+        raise ConfigError(
+            f"dtype: only --format compressed-nm casts at export; --format {export_format} "
+            "writes the model's dtype (set --model.dtype)"
+        )
     check_target(output_dir, overwrite)
     load_learned_state(module, ckpt_path)
-    exporter = module.mask_family.hf_exporter()  # the family decides: dense zeros or sliced
-    path = exporter(module, output_dir, overwrite=overwrite, run_config=run_config)
+    if export_format == "compressed-nm":
+        from lightning_prune.export.compressed import export_compressed_nm
+
+        path = export_compressed_nm(module, output_dir, overwrite, run_config, dtype)
+    else:
+        exporter = module.mask_family.hf_exporter()  # the family decides: zeros or sliced
+        path = exporter(module, output_dir, overwrite=overwrite, run_config=run_config)
     print(f"exported {export_format} model to {path}")
     return path
 

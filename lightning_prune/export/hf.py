@@ -51,11 +51,22 @@ def export_record(module: PruningModule, run_config: dict[str, Any] | None) -> d
     }
 
 
-def write_export_folder(folder: Path, model, model_name: str, record: dict[str, Any]) -> None:
-    """Save weights, the source model's tokenizer and ``pruning.json`` into ``folder``."""
+def write_export_folder(
+    folder: Path, model, model_name: str, record: dict[str, Any], weights: bool = True
+) -> None:
+    """Save weights, the source model's tokenizer and ``pruning.json`` into ``folder``.
+
+    With ``weights=False`` only the config (and generation config) is saved: formats that
+    write their own weight file call this for everything else.
+    """
     from lightning_prune.models import load_tokenizer
 
-    model.save_pretrained(folder)
+    if weights:
+        model.save_pretrained(folder)
+    else:
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
     load_tokenizer(model_name).save_pretrained(folder)
     (folder / "pruning.json").write_text(json.dumps(record, indent=2))
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from inference_timing import flops_per_token, timings
 from transformers import AutoModelForCausalLM
 
 from lightning_prune.evaluation import format_table, write_json
@@ -39,48 +38,6 @@ def parse_args() -> argparse.Namespace:
 def load(name: str) -> torch.nn.Module:
     path = resolve_model_path(name)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def flops_per_token(model: torch.nn.Module, context: int) -> float:
-    """Matmul FLOPs of one token at ``context``: 2·(Linear params) + 4·layers·heads·head_dim·ctx."""
-    config = model.config
-    linear = sum(
-        m.weight.numel()
-        for m in model.modules()
-        if hasattr(m, "weight")
-        and m.weight is not None
-        and m.weight.dim() == 2
-        and not isinstance(m, torch.nn.Embedding)
-    )
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2.0 * linear + 4.0 * config.num_hidden_layers * heads * head_dim * context
-
-
-@torch.no_grad()
-def timings(model, batch: int, length: int, new_tokens: int, repeats: int) -> dict[str, float]:
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (batch, length), generator=generator)
-    prefill, decode = [], []
-    model(input_ids=prompt[:, :8])  # warm-up
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(input_ids=prompt)
-        prefill.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        model.generate(
-            prompt,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        decode.append(time.perf_counter() - start - prefill[-1])
-    return {
-        "prefill_tok_s": batch * length / statistics.median(prefill),
-        "decode_tok_s": batch * new_tokens / max(statistics.median(decode), 1e-9),
-    }
 
 
 def main() -> None:

@@ -1,0 +1,66 @@
+"""Timing helpers shared by the speed benchmarks (tools/bench_speed.py, tools/bench_inference.py).
+
+``timings``: medians of prefill (one forward over the prompt) and greedy decode (``new_tokens``
+tokens with the KV cache) tokens/s; ``flops_per_token``: matmul FLOPs per token, the physical
+limit of a speed-up when compared between two models.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def flops_per_token(model: torch.nn.Module, context: int, sparse: frozenset[str] = frozenset()):
+    """Matmul FLOPs of one token at ``context``: 2·(Linear params) + 4·layers·heads·head_dim·ctx.
+
+    Linears named in ``sparse`` count half (2:4 kernels that skip the zeros).
+    """
+    config = model.config
+    linear = 0.0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2 or isinstance(module, torch.nn.Embedding):
+            continue
+        linear += weight.numel() * (0.5 if name in sparse else 1.0)
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2.0 * linear + 4.0 * config.num_hidden_layers * heads * head_dim * context
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def timings(model, batch: int, length: int, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Median prefill and decode tokens/s over ``repeats`` runs (after one warm-up)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
+    prefill, decode = [], []
+    model(input_ids=prompt[:, :8])  # warm-up
+    _sync(device)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(input_ids=prompt)
+        _sync(device)
+        prefill.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        model.generate(
+            prompt,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        _sync(device)
+        decode.append(time.perf_counter() - start - prefill[-1])
+    return {
+        "prefill_tok_s": batch * length / statistics.median(prefill),
+        "decode_tok_s": batch * new_tokens / max(statistics.median(decode), 1e-9),
+    }

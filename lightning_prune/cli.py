@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
 from lightning_prune.cli_names import install_short_names
 from lightning_prune.commands import run_evaluate, run_export
@@ -18,6 +20,17 @@ from lightning_prune.registry import get_registry
 
 class PruningTrainer(Trainer):
     """Lightning's ``Trainer`` plus the export and evaluate subcommands."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's ``Trainer``; the default logger is CSV (``trainer.logger`` picks others).
+
+        Lightning's own default switches to TensorBoard whenever it is installed; the CSV
+        files under ``default_root_dir/lightning_logs`` are what ``report`` reads.
+        """
+        if kwargs.get("logger") in (None, True):
+            root = kwargs.get("default_root_dir") or os.getcwd()
+            kwargs["logger"] = CSVLogger(root)
+        super().__init__(*args, **kwargs)
 
     def export(
         self,
@@ -61,6 +74,8 @@ class PruningTrainer(Trainer):
         exported: list[str] | None = None,
         dense: bool = True,
         output: str | None = None,
+        compare: list[str] | None = None,
+        allow_mixed_protocols: bool = False,
     ) -> None:
         """Held-out perplexity of the dense model, baselines, a checkpoint and exports.
 
@@ -71,9 +86,21 @@ class PruningTrainer(Trainer):
             exported: exported model folders to evaluate with plain transformers.
             dense: also evaluate the dense model.
             output: JSON file for the results and the protocol.
+            compare: earlier ``evaluate`` JSON records to show next to this one; refused when
+                their protocol differs on a shared source.
+            allow_mixed_protocols: compare records made with different protocols anyway.
         """
         run_evaluate(
-            model, datamodule, ckpt_path, sources, baselines or [], exported or [], dense, output
+            model,
+            datamodule,
+            ckpt_path,
+            sources,
+            baselines or [],
+            exported or [],
+            dense,
+            output,
+            compare or [],
+            allow_mixed_protocols,
         )
 
 
@@ -131,6 +158,10 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["plugins"]:
         raise SystemExit(print_plugins())
+    if argv[:1] == ["report"]:
+        from lightning_prune.report.command import main as report_main
+
+        raise SystemExit(report_main(argv[1:]))
     install_short_names()
     try:
         _run_cli(None if args is None else argv)

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import platform
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_prune import __version__
 from lightning_prune.checkpoints import load_learned_state
 from lightning_prune.data.datamodule import CalibrationDataModule
 from lightning_prune.errors import ConfigError
-from lightning_prune.evaluation import Protocol, format_table, perplexity, protocol_dict, write_json
+from lightning_prune.evaluation import format_table, perplexity, write_json
 from lightning_prune.export.atomic import check_target
 from lightning_prune.module import PruningModule
+from lightning_prune.protocol import (
+    check_comparable,
+    evaluation_record,
+    heldout_protocol,
+    joint_rows,
+    load_record,
+)
 from lightning_prune.registry import get_registry
 
 EXPORT_FORMATS = ("hf", "compressed-nm")
@@ -66,10 +72,17 @@ def run_evaluate(
     exported: list[str],
     dense: bool,
     output: str | None,
+    compare: list[str] | None = None,
+    allow_mixed_protocols: bool = False,
 ) -> dict[str, Any]:
-    """Held-out perplexity of dense, one-shot baselines, the learned mask and exported models."""
+    """Held-out perplexity of dense, one-shot baselines, the learned mask and exported models.
+
+    The result holds the rows and the protocol of every source (see ``protocol.py``); with
+    ``compare``, earlier records are checked against it and shown in one table.
+    """
     from transformers import AutoModelForCausalLM
 
+    earlier = {path: load_record(path) for path in compare or []}  # fail before the work
     if ckpt_path is not None:
         load_learned_state(module, ckpt_path)
     else:
@@ -81,15 +94,7 @@ def run_evaluate(
     for source in sources or [datamodule.source]:
         splits = datamodule.load_splits(source)
         windows[source] = datamodule.heldout_windows(splits)
-        protocols.append(
-            Protocol(
-                source,
-                datamodule.seq_len,
-                datamodule.seq_len,
-                windows[source].numel(),
-                splits.fingerprint,
-            )
-        )
+        protocols.append(heldout_protocol(datamodule, source, windows[source], splits.fingerprint))
 
     def measure(label: str, model: torch.nn.Module) -> dict[str, Any]:
         row: dict[str, Any] = {"model": label}
@@ -120,16 +125,14 @@ def run_evaluate(
         rows.append(measure(f"exported ({folder})", model))
     print("\nheld-out perplexity (lower is better)")
     print(format_table(rows, ["model", *windows]))
-    result = {
-        "rows": rows,
-        "protocol": [protocol_dict(p) for p in protocols],
-        "versions": {
-            "lightning_prune": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-    }
+    result = evaluation_record(module, datamodule, rows, protocols, ckpt_path, exported, baselines)
     if output:
         write_json(output, result)
         print(f"wrote {output}")
+    if earlier:
+        records = {output or "this evaluation": result, **earlier}
+        for problem in check_comparable(records, allow_mixed_protocols):
+            print(f"warning: mixed protocols: {problem}", file=sys.stderr)
+        print("\ncompared with earlier records (held-out perplexity)")
+        print(format_table(*joint_rows(records)))
     return result

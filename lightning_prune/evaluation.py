@@ -1,28 +1,16 @@
-"""Held-out perplexity with a fixed, logged protocol."""
+"""Held-out perplexity, plain-text tables and atomic JSON (protocol: ``protocol.py``)."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchmetrics.text import Perplexity
 from tqdm.auto import tqdm
-
-
-@dataclass
-class Protocol:
-    """How a perplexity number was measured (non-overlapping windows: stride = seq_len)."""
-
-    source: str
-    seq_len: int
-    stride: int
-    tokens: int
-    token_fingerprint: str
 
 
 @torch.no_grad()
@@ -63,8 +51,3 @@ def write_json(path: str | Path, payload: dict) -> None:
     with os.fdopen(handle, "w") as f:
         json.dump(payload, f, indent=2)
     os.replace(tmp, path)
-
-
-def protocol_dict(protocol: Protocol) -> dict:
-    """The protocol as a JSON-ready dict."""
-    return asdict(protocol)

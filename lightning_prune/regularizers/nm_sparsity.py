@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import torch
@@ -69,10 +70,19 @@ class NMSparsityRegularizer(Regularizer):
 
     @torch.no_grad()
     def metrics(self, family: MaskFamily) -> dict[str, float]:
-        fractions, weights = [], []
-        for parametrization in family.parametrizations().values():
+        """Share of groups already N:M, overall and per decoder layer (``_l{index}``)."""
+        done: dict[str, float] = {}
+        sizes: dict[str, int] = {}
+        for name, parametrization in family.parametrizations().items():
             rows = parametrization.rows(parametrization.surrogate.detach())
-            fractions.append(nm_group_fraction(rows, parametrization.n, parametrization.m))
-            weights.append(rows.numel())
-        share = sum(f * w for f, w in zip(fractions, weights)) / max(sum(weights), 1)
-        return {"nm_groups_done": share}
+            fraction = nm_group_fraction(rows, parametrization.n, parametrization.m)
+            for key in ("nm_groups_done", _layer_key(name)):
+                done[key] = done.get(key, 0.0) + fraction * rows.numel()
+                sizes[key] = sizes.get(key, 0) + rows.numel()
+        return {key: value / max(sizes[key], 1) for key, value in done.items()}
+
+
+def _layer_key(module_name: str) -> str:
+    """``nm_groups_done_l{i}`` for a module of decoder layer ``i`` (first number in the name)."""
+    match = re.search(r"\.(\d+)\.", module_name)
+    return f"nm_groups_done_l{match.group(1)}" if match else "nm_groups_done_other"

@@ -1,0 +1,250 @@
+"""The report's figures (matplotlib, Agg canvas, no pyplot state), returned as PNG bytes."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+from lightning_prune.report.masks import NMSummary, StructuredSummary
+from lightning_prune.report.runs import RunData
+
+Series = dict[str, list[tuple[int, float]]]
+
+#: training-curve panels: title and which ``metrics.csv`` columns go in it
+PANELS: list[tuple[str, Callable[[str], bool], bool]] = [
+    ("LM loss (train, val) and distillation", lambda c: c in LOSSES, True),
+    ("Regularizer penalty", lambda c: _is_penalty(c) and "Lagrangian" not in c, True),
+    (
+        "Lagrangian terms",
+        lambda c: c.startswith("reg/lagrangian_") or c == "reg/UniformLagrangian",
+        False,
+    ),
+    (
+        "λ and Lagrange multipliers (mean)",
+        lambda c: c.endswith(("_lambda", "_y1_mean", "_y2_mean")),
+        False,
+    ),
+    ("Share of groups already N:M (all layers)", lambda c: c == "reg/nm_groups_done", False),
+    (
+        "Expected kept share (mean over layers) vs target",
+        lambda c: (
+            bool(re.fullmatch(r"reg/\w+_(expected_mean|target)", c))
+            and not c.endswith("final_target")
+        ),
+        False,
+    ),
+    ("Learning rate", lambda c: c == "lr", True),
+]
+LOSSES = ("train/loss", "val/loss", "train/distill")
+STYLES = ("-", "--", ":", "-.")
+KEPT_COLORS = ListedColormap(["#dddddd", "#2e7d32"])
+
+
+def to_png(figure: Figure) -> bytes:
+    """Render ``figure`` with the Agg canvas."""
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _label(column: str) -> str:
+    return column.removeprefix("reg/")
+
+
+def _is_penalty(column: str) -> bool:
+    """Penalty columns are named after the regularizer class (``reg/NMSparsityRegularizer``)."""
+    return bool(re.fullmatch(r"reg/[A-Z]\w*", column)) and not column.endswith("_lambda")
+
+
+def training_curves(runs: list[RunData]) -> bytes | None:
+    """Loss, regularizer terms, λ/multipliers, N:M share or kept share over steps; runs overlaid."""
+    panels = []
+    for title, wanted, log_ok in PANELS:
+        lines = [
+            (run, column)
+            for run in runs
+            for column in sorted(run.metrics)
+            if wanted(column) and run.metrics[column]
+        ]
+        if lines:
+            panels.append((title, lines, log_ok))
+    if not panels:
+        return None
+    columns = 2 if len(panels) > 1 else 1
+    rows = (len(panels) + columns - 1) // columns
+    figure = Figure(figsize=(6.4 * columns, 3.9 * rows), layout="constrained")
+    colors = {run.name: f"C{i % 10}" for i, run in enumerate(runs)}
+    for index, (title, lines, log_ok) in enumerate(panels):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        styles: dict[str, str] = {}
+        for run, column in lines:
+            steps, values = zip(*run.metrics[column])
+            style = styles.setdefault(column, STYLES[len(styles) % len(STYLES)])
+            label = _label(column) if len(runs) == 1 else f"{run.name}: {_label(column)}"
+            marker = "o" if len(steps) < 3 or column == "val/loss" else None
+            axes.plot(steps, values, style, color=colors[run.name], marker=marker, label=label)
+        if log_ok:
+            _scale(axes, [v for run, c in lines for _, v in run.metrics[c]])
+        axes.set_title(title, fontsize=11)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8, loc="best")
+    return to_png(figure)
+
+
+def _scale(axes, values: list[float]) -> None:
+    positive = [v for v in values if v > 0]
+    if len(positive) == len(values) and positive and max(positive) / min(positive) > 100:
+        axes.set_yscale("log")
+
+
+def nm_figure(summary: NMSummary, metrics: Series, run_name: str) -> bytes:
+    """Share of N:M groups per layer and module (end), groups by nonzeros, per layer over steps."""
+    layers, modules = summary.layers, summary.modules
+    height = max(4.2, 0.26 * len(layers) + 1.6)
+    figure = Figure(figsize=(17, height), layout="constrained")
+    figure.suptitle(f"{run_name}: {summary.n}:{summary.m} groups ({summary.what})", fontsize=12)
+    grid = figure.add_gridspec(1, 3, width_ratios=[1.1, 1.2, 1.4])
+
+    axes = figure.add_subplot(grid[0])
+    done = summary.done()
+    image = axes.imshow(done, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    _layer_ticks(axes, layers)
+    axes.set_xticks(range(len(modules)), modules, rotation=45, ha="right")
+    axes.set_title(f"share of groups with ≤{summary.n} of {summary.m} nonzero, at the end")
+    if done.size <= 160:
+        for (i, j), value in np.ndenumerate(done):
+            if np.isfinite(value):
+                color = "black" if value > 0.6 else "white"
+                axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
+    figure.colorbar(image, ax=axes, shrink=0.8)
+
+    axes = figure.add_subplot(grid[1])
+    levels = np.nanmean(summary.levels, axis=0)  # [module, k]
+    left = np.zeros(len(modules))
+    colors = _level_colors(summary.n, summary.m)
+    for k in range(summary.m + 1):
+        axes.barh(modules, levels[:, k], left=left, color=colors[k], label=f"{k} of {summary.m}")
+        left += levels[:, k]
+    axes.invert_yaxis()
+    axes.set_xlim(0, 1)
+    axes.set_xlabel("share of groups (mean over layers)")
+    axes.set_title("groups by nonzero weights, at the end")
+    axes.legend(
+        title=f"nonzero weights per group (≤{summary.n}: already N:M)",
+        fontsize=8,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.14),
+        ncol=summary.m + 1,
+    )
+
+    axes = figure.add_subplot(grid[2])
+    per_layer = _per_layer(metrics, r"reg/nm_groups_done_l(\d+)")
+    if per_layer is not None:
+        steps, values, indices = per_layer
+        image = axes.imshow(
+            values,
+            aspect="auto",
+            cmap="viridis",
+            vmin=0,
+            interpolation="nearest",
+            extent=(steps[0] - 0.5, steps[-1] + 0.5, len(indices) - 0.5, -0.5),
+        )
+        _layer_ticks(axes, indices)
+        axes.set_xlabel("step")
+        axes.set_title("share of groups already N:M while learning")
+        figure.colorbar(image, ax=axes, shrink=0.8)
+    elif metrics.get("reg/nm_groups_done"):
+        steps, values = zip(*metrics["reg/nm_groups_done"])
+        axes.plot(steps, values, marker="o" if len(steps) < 3 else None)
+        axes.set_xlabel("step")
+        axes.set_title("share of groups already N:M while learning (all layers)")
+        axes.grid(alpha=0.3)
+    else:
+        axes.set_axis_off()
+        axes.text(0.5, 0.5, "no training log", ha="center", va="center")
+    return to_png(figure)
+
+
+def structured_figure(summary: StructuredSummary, metrics: Series, run_name: str) -> bytes:
+    """Kept heads and channels per layer (uniform width) and expected kept share over steps."""
+    kinds = [k for k, kept in summary.kept.items() if kept.size]
+    layers = max(kept.shape[0] for kept in summary.kept.values())
+    height = max(4.0, 0.22 * layers + 2.0)
+    figure = Figure(figsize=(17, height), layout="constrained")
+    figure.suptitle(f"{run_name}: kept attention heads and MLP channels ({summary.what})")
+    grid = figure.add_gridspec(1, len(kinds) + 1, width_ratios=[1.0] * len(kinds) + [1.3])
+    for index, kind in enumerate(kinds):
+        kept = summary.kept[kind]
+        axes = figure.add_subplot(grid[index])
+        axes.imshow(kept, aspect="auto", cmap=KEPT_COLORS, vmin=0, vmax=1, interpolation="nearest")
+        _layer_ticks(axes, list(range(kept.shape[0])))
+        axes.set_xlabel(f"{kind[:-1]} index")
+        counts = sorted(set(kept.sum(1).tolist()))
+        width = (
+            f"{counts[0]} of {kept.shape[1]} in every layer"
+            if len(counts) == 1
+            else (f"{counts[0]}–{counts[-1]} of {kept.shape[1]} (not uniform)")
+        )
+        axes.set_title(f"{kind} kept (green, removed grey): {width}", fontsize=10)
+    axes = figure.add_subplot(grid[len(kinds)])
+    plotted = False
+    for color, kind in enumerate(kinds):
+        per_layer = _per_layer(metrics, rf"reg/{kind}_expected_l(\d+)")
+        if per_layer is None:
+            continue
+        steps, values, _ = per_layer
+        for row, series in enumerate(values):
+            label = f"{kind} (one line per layer)" if row == 0 else None
+            axes.plot(steps, series, color=f"C{color}", alpha=0.5, lw=1, label=label)
+        if metrics.get(f"reg/{kind}_target"):
+            target_steps, target = zip(*metrics[f"reg/{kind}_target"])
+            axes.plot(target_steps, target, "--", color=f"C{color}", lw=2, label=f"{kind} target")
+        plotted = True
+    if plotted:
+        axes.set_xlabel("step")
+        axes.set_ylabel("expected kept share")
+        axes.set_title("expected kept share per layer while learning")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    else:
+        axes.set_axis_off()
+        axes.text(0.5, 0.5, "no training log", ha="center", va="center")
+    return to_png(figure)
+
+
+def _per_layer(metrics: Series, pattern: str) -> tuple[list[int], np.ndarray, list[int]] | None:
+    """Per-layer series matching ``pattern`` (one group: the layer) as ``[layer, step]``."""
+    columns = {int(m.group(1)): c for c in metrics if (m := re.fullmatch(pattern, c))}
+    if not columns:
+        return None
+    indices = sorted(columns)
+    steps = sorted({step for c in columns.values() for step, _ in metrics[c]})
+    values = np.full((len(indices), len(steps)), np.nan)
+    for row, layer in enumerate(indices):
+        for step, value in metrics[columns[layer]]:
+            values[row, steps.index(step)] = value
+    return steps, values, indices
+
+
+def _layer_ticks(axes, layers: list[int]) -> None:
+    every = max(1, len(layers) // 16)
+    positions = list(range(0, len(layers), every))
+    axes.set_yticks(positions, [f"layer {layers[p]}" for p in positions], fontsize=8)
+
+
+def _level_colors(n: int, m: int) -> list:
+    """Greens for groups already N:M (``k ≤ n``), reds for groups still too dense."""
+    from matplotlib import colormaps
+
+    greens, reds = colormaps["Greens"], colormaps["Reds"]
+    return [greens(0.35 + 0.55 * k / max(n, 1)) for k in range(n + 1)] + [
+        reds(0.35 + 0.55 * (k - n) / max(m - n, 1)) for k in range(n + 1, m + 1)
+    ]

@@ -1,0 +1,199 @@
+"""`lightning-prune report` on real tiny runs: sections, decodable images, masks, protocols."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from lightning_prune.cli import main
+from lightning_prune.report.masks import NMSummary, StructuredSummary, summarize
+from lightning_prune.report.runs import load_run
+
+ROOT = Path(__file__).parents[1]
+NM_CONFIG = ROOT / "configs" / "proxsparse_2of4.yaml"
+MM_CONFIG = ROOT / "configs" / "maskprune_uniform.yaml"
+SECTIONS = ("runs", "perplexity", "speed", "masks", "curves", "config", "protocol")
+SMALL = ["--data.seq_len=32", "--data.eval_tokens=128"]
+
+
+def cli(command: str, config: Path, model: str, *extra: str) -> None:
+    main([command, "--config", str(config), f"--model.model={model}", *SMALL, *extra])
+
+
+def fit(config: Path, model: str, root: Path, *extra: str) -> Path:
+    cli(
+        "fit",
+        config,
+        model,
+        "--data.num_samples=6",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.log_every_n_steps=1",
+        *extra,
+    )
+    return root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def runs(small_model, tmp_path_factory) -> dict[str, Path]:
+    """A ProxSparse run with an evaluate record and a minimax run with export, record, speed."""
+    base = tmp_path_factory.mktemp("report-runs")
+    nm, mm = base / "proxsparse", base / "minimax"
+    ckpt = fit(
+        NM_CONFIG,
+        small_model,
+        nm,
+        "--model.init_mask=null",
+        "--model.regularizers.init_args.lam=0.3",
+    )
+    cli(
+        "evaluate",
+        NM_CONFIG,
+        small_model,
+        "--model.init_mask=null",
+        f"--ckpt_path={ckpt}",
+        "--baselines=[magnitude]",
+        f"--output={nm / 'evaluation.json'}",
+    )
+    ckpt = fit(MM_CONFIG, small_model, mm)
+    cli("export", MM_CONFIG, small_model, f"--ckpt_path={ckpt}", f"--output_dir={mm / 'export'}")
+    cli(
+        "evaluate",
+        MM_CONFIG,
+        small_model,
+        f"--ckpt_path={ckpt}",
+        f"--output={mm / 'evaluation.json'}",
+    )
+    bench = [
+        sys.executable,
+        str(ROOT / "tools" / "bench_speed.py"),
+        "--dense",
+        small_model,
+        "--pruned",
+        str(mm / "export"),
+        "--batch-sizes",
+        "1",
+        "--lengths",
+        "16",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--output",
+        str(mm / "speed.json"),
+    ]
+    subprocess.run(bench, check=True, capture_output=True)
+    return {"nm": nm, "mm": mm}
+
+
+def report(*args: str) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", *args])
+    return exit_info.value.code
+
+
+def embedded_images(page: str) -> list[np.ndarray]:
+    encoded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    return [mpimg.imread(io.BytesIO(base64.b64decode(data)), format="png") for data in encoded]
+
+
+def test_report_holds_every_section_and_decodable_images(runs, tmp_path) -> None:
+    output = tmp_path / "out" / "report.html"
+    assert report(str(runs["nm"]), str(runs["mm"]), "--output", str(output)) == 0
+    page = output.read_text()
+    for anchor in SECTIONS:
+        assert f'<section id="{anchor}">' in page, anchor
+    images = embedded_images(page)
+    assert len(images) == 3  # masks of each run, training curves
+    for picture in images:
+        assert picture.shape[0] > 300 and picture.shape[1] > 800
+        assert picture[..., :3].std() > 0.05  # not a blank canvas
+    pngs = sorted(p.name for p in output.parent.glob("*.png"))
+    assert pngs == ["report_curves.png", "report_masks_minimax.png", "report_masks_proxsparse.png"]
+    assert mpimg.imread(output.parent / "report_curves.png").shape == images[-1].shape
+    record = json.loads((runs["nm"] / "evaluation.json").read_text())
+    learned = next(r for r in record["rows"] if r["model"].startswith("learned"))
+    assert f"{learned['wikipedia']:,.2f}" in page  # the perplexity table
+    assert record["protocol"][0]["token_sha256"] in page  # the protocol section
+    assert "magnitude" in page and "class_path: lightning_prune.masks.nm.NMMaskFamily" in page
+    assert "decode tok/s dense → pruned" in page and "export" in page  # speed and size
+
+
+def test_mask_views_read_the_checkpoint_and_agree_with_the_export(runs) -> None:
+    nm = summarize(load_run(runs["nm"]))
+    assert isinstance(nm, NMSummary) and (nm.n, nm.m) == (2, 4)
+    assert nm.layers == [0, 1] and nm.modules[0] == "q_proj" and len(nm.modules) == 7
+    assert np.allclose(nm.levels.sum(-1), 1.0)
+    assert 0 < nm.done().mean() < 1  # lam=0.3 for six steps: some groups are N:M, not all
+    metrics = load_run(runs["nm"]).metrics
+    assert {"reg/nm_groups_done_l0", "reg/nm_groups_done_l1"} <= set(metrics)
+
+    from_checkpoint = summarize(load_run(runs["mm"]))
+    from_export = summarize(load_run(runs["mm"] / "export"))
+    assert isinstance(from_checkpoint, StructuredSummary)
+    shape = json.loads((runs["mm"] / "export" / "pruning.json").read_text())["pruned_shape"]
+    for kind, size in (("heads", "num_heads"), ("channels", "intermediate_size")):
+        kept = from_checkpoint.kept[kind]
+        assert (kept.sum(1) == shape[size]).all(), kind  # the same width in every layer
+        assert (kept == from_export.kept[kind]).all(), kind
+
+
+def test_report_refuses_mixed_protocols_unless_allowed(runs, small_model, tmp_path, capsys):
+    other = tmp_path / "other"
+    cli(
+        "evaluate",
+        NM_CONFIG,
+        small_model,
+        "--model.init_mask=null",
+        "--data.seq_len=16",
+        f"--output={other / 'evaluation.json'}",
+    )
+    output = tmp_path / "mixed.html"
+    assert report(str(runs["nm"]), str(other), "--output", str(output)) == 2
+    message = capsys.readouterr().err
+    assert "lightning-prune: error:" in message and "seq_len 32 vs 16" in message
+    assert not output.exists()
+    code = report(str(runs["nm"]), str(other), "--output", str(output), "--allow_mixed_protocols")
+    assert code == 0 and "mixed protocols: source &#x27;wikipedia&#x27;" in output.read_text()
+
+
+def test_report_bad_input_names_the_folder(tmp_path, capsys) -> None:
+    output = tmp_path / "r.html"
+    assert report(str(tmp_path / "missing"), "--output", str(output)) == 2
+    assert "missing': does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report(str(empty), "--output", str(output)) == 2
+    assert "found no lightning_logs/*/metrics.csv" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_tensorboard_logger_from_yaml(small_model, tmp_path) -> None:
+    pytest.importorskip("tensorboard", reason="tensorboard is in the dev extra")
+    config = tmp_path / "tensorboard.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  logger:\n"
+        "    class_path: lightning.pytorch.loggers.TensorBoardLogger\n"
+        f"    init_args: {{save_dir: {tmp_path / 'tb'}}}\n"
+    )
+    fit(
+        NM_CONFIG,
+        small_model,
+        tmp_path / "run",
+        "--model.init_mask=null",
+        "--trainer.max_steps=2",
+        "--config",
+        str(config),
+    )
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert not list((tmp_path / "run").rglob("metrics.csv"))  # the configured logger only

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 
+from lightning_prune.callbacks import NumericGuard, ResumeState
+from lightning_prune.checkpoint_io import SafeCheckpointIO
 from lightning_prune.cli_names import install_short_names
 from lightning_prune.commands import run_evaluate, run_export
 from lightning_prune.data.datamodule import CalibrationDataModule
-from lightning_prune.errors import LightningPruneError
+from lightning_prune.errors import ConfigError, LightningPruneError
 from lightning_prune.module import PruningModule
 from lightning_prune.registry import get_registry
 
@@ -31,6 +36,25 @@ class PruningTrainer(Trainer):
             root = kwargs.get("default_root_dir") or os.getcwd()
             kwargs["logger"] = CSVLogger(root)
         super().__init__(*args, **kwargs)
+
+    def fit(
+        self,
+        model: PruningModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        weights_only: bool | None = True,
+    ) -> None:
+        """Learn the mask; ``ckpt_path`` resumes a killed fit: a file, or ``last`` for the
+        newest ``last.ckpt`` under ``default_root_dir`` (none there: a fresh start).
+
+        Checkpoints are always read with ``weights_only=True``.
+        """
+        check_writable(self.default_root_dir, "trainer.default_root_dir")
+        if ckpt_path == "last":
+            ckpt_path = newest_last_checkpoint(self.default_root_dir) or ckpt_path
+        super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, True)
 
     def export(
         self,
@@ -115,12 +139,53 @@ class PruneCLI(LightningCLI):
             "evaluate": {"model", "datamodule"},
         }
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured trainer plus what every run needs unless configured otherwise:
+        RNG state in checkpoints, numeric fault checks and atomic checkpoint files."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = _as_list(config.get("callbacks"))
+        callbacks += [
+            default()
+            for default in (ResumeState, NumericGuard)
+            if not any(isinstance(callback, default) for callback in callbacks)
+        ]
+        plugins = _as_list(config.get("plugins"))
+        if isinstance(config.get("strategy", "auto"), str) and not any(
+            isinstance(plugin, CheckpointIO) for plugin in plugins
+        ):
+            plugins.append(SafeCheckpointIO())
+        return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model", "data.tokenizer")
 
     def before_export(self) -> None:
         config = self.config[self.subcommand]
         self.trainer.run_config = _to_plain(config.as_dict())
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def newest_last_checkpoint(root: str | Path) -> str | None:
+    """The most recently written ``last.ckpt`` below ``root`` (earlier runs' log versions)."""
+    found = sorted(Path(root).glob("**/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1]) if found else None
+
+
+def check_writable(folder: str | Path, field: str) -> None:
+    """Raise ``ConfigError`` naming ``field`` unless files can be created in ``folder``."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise ConfigError(f"{field}: cannot write to '{path}' ({reason})") from err
 
 
 def _to_plain(value: Any) -> Any:

@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_prune.data.sampling import EpochShuffleSampler, ResumableDataLoader, SkipOnce
 from lightning_prune.data.sources import read_documents
 from lightning_prune.data.tokens import TokenSplits, pack, tokenize_splits
 from lightning_prune.errors import ConfigError
@@ -71,6 +72,7 @@ class CalibrationDataModule(LightningDataModule):
         self.heldout_fraction, self.eval_tokens, self.seed = heldout_fraction, eval_tokens, seed
         self.text_column, self.dataset_config, self.split = text_column, dataset_config, split
         self.splits: TokenSplits | None = None
+        self._resume = SkipOnce()  # batches of the current epoch a resumed fit already saw
 
     def load_splits(self, source: str | None = None) -> TokenSplits:
         """Tokenized calibration / held-out splits of ``source`` (default: this module's)."""
@@ -111,13 +113,27 @@ class CalibrationDataModule(LightningDataModule):
         return windows
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            TokenWindows(self.calibration_windows()),
+        dataset = TokenWindows(self.calibration_windows())
+        return ResumableDataLoader(
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=EpochShuffleSampler(dataset, self.seed),
+            resume=self._resume,
         )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TokenWindows(self.heldout_windows()), batch_size=self.batch_size)
+
+    # -- exact resume: where in the epoch a checkpoint was taken ---------------------------
+    def state_dict(self) -> dict[str, int]:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        finished = done >= trainer.num_training_batches
+        return {"epoch": trainer.current_epoch, "batches_done": 0 if finished else done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = SkipOnce(
+            int(state_dict.get("epoch", 0)), int(state_dict.get("batches_done", 0))
+        )

@@ -104,8 +104,10 @@ class MinimaxSolver(Solver):
     ) -> dict[str, torch.Tensor]:
         """Extra loss terms of one training step: ``distill`` when ``distill_weight > 0``.
 
-        The teacher is the same model with its masks switched off (no second copy).
+        The teacher is the same model with its masks switched off (no second copy). Also sets
+        the target ramp from the step counter, so a resumed fit uses the same targets.
         """
+        module.mask_family.set_progress(self.progress(module.global_step))
         if self.distill_weight <= 0:
             return {}
         family = module.mask_family

@@ -1,0 +1,68 @@
+"""Shuffling that a resumed run repeats exactly: one permutation per (seed, epoch)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+
+class EpochShuffleSampler(RandomSampler):
+    """A random permutation that depends only on ``seed`` and the epoch set by Lightning.
+
+    A ``RandomSampler`` (so Lightning swaps in its ``DistributedSampler`` under DDP), but unlike
+    one driven by a stateful generator, epoch ``e`` is the same permutation in a resumed run.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int = 0):
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class SkipOnce:
+    """Where a resumed epoch starts: its number and the batches it already trained on.
+
+    Shared by every loader the data module builds and used up by the first one iterated.
+    """
+
+    def __init__(self, epoch: int = 0, batches: int = 0):
+        self.epoch, self.batches = epoch, batches
+
+    def take(self) -> tuple[int, int] | None:
+        if not self.batches:
+            return None
+        position, self.batches = (self.epoch, self.batches), 0
+        return position
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose first iteration can resume in the middle of an epoch.
+
+    Lightning creates the resumed epoch's iterator before it sets the sampler's epoch, so the
+    loader sets the epoch itself, then skips the batches already trained on.
+    """
+
+    def __init__(self, *args: Any, resume: SkipOnce | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.resume = resume or SkipOnce()
+
+    def __iter__(self) -> Iterator[Any]:
+        position = self.resume.take()
+        if position is None:
+            return super().__iter__()
+        epoch, skip = position
+        if callable(getattr(self.sampler, "set_epoch", None)):
+            self.sampler.set_epoch(epoch)
+        iterator = super().__iter__()
+        for _ in range(skip):
+            next(iterator, None)
+        return iterator

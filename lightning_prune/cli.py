@@ -227,6 +227,10 @@ def main(args: list[str] | None = None) -> None:
         from lightning_prune.report.command import main as report_main
 
         raise SystemExit(report_main(argv[1:]))
+    if argv[:1] == ["lm-eval"]:  # optional extra: lightning-prune[lm-eval]
+        from lightning_prune.lm_eval_adapter import main as lm_eval_main
+
+        raise SystemExit(lm_eval_main(argv[1:]))
     install_short_names()
     try:
         _run_cli(None if args is None else argv)

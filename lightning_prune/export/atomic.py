@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -16,6 +17,10 @@ class OutputExistsError(LightningPruneError, FileExistsError):
     """The output folder exists and overwriting was not asked for."""
 
 
+class ExportWriteError(LightningPruneError, OSError):
+    """The export could not be written (disk full, no permission, read-only filesystem)."""
+
+
 def check_target(target: str | Path, overwrite: bool) -> Path:
     """Refuse an existing ``target`` unless ``overwrite`` (call before any expensive work)."""
     target = Path(target).resolve()
@@ -23,7 +28,18 @@ def check_target(target: str | Path, overwrite: bool) -> Path:
         raise OutputExistsError(
             f"output_dir '{target}' already exists: set overwrite to replace it"
         )
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ExportWriteError(f"output_dir '{target}': '{ancestor}' is a file, expected a folder")
+    if not os.access(ancestor, os.W_OK):
+        raise ExportWriteError(f"output_dir '{target}': '{ancestor}' is not writable")
     return target
+
+
+#: errors that mean "this folder cannot take the export", reported as ExportWriteError
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
 
 
 @contextmanager
@@ -31,9 +47,24 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     """Yield a temporary folder that replaces ``target`` only if the block succeeds.
 
     An existing ``target`` is refused unless ``overwrite``; it is kept intact until the new
-    folder is complete, and on any error the temporary folder is removed.
+    folder is complete, and on any error the temporary folder is removed. A full disk or an
+    unwritable parent raises :class:`ExportWriteError`.
     """
     target = check_target(target, overwrite)
+    try:
+        with _replacing(target) as tmp:
+            yield tmp
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        raise ExportWriteError(
+            f"output_dir '{target}': the export could not be written ({os.strerror(err.errno)}); "
+            f"{'the previous export is unchanged' if target.exists() else 'nothing was left there'}"
+        ) from err
+
+
+@contextmanager
+def _replacing(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:

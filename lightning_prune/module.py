@@ -15,6 +15,7 @@ from lightning_prune.masks.init import build_initializer, initializer_name
 from lightning_prune.models import load_causal_lm
 from lightning_prune.registry import get_registry
 from lightning_prune.regularizers.base import Regularizer
+from lightning_prune.sharding import all_reduce_replicated_grads, fsdp_mesh, shard_model
 from lightning_prune.solvers.base import Solver
 
 
@@ -22,7 +23,9 @@ class PruningModule(LightningModule):
     """Learns a pruning mask for a frozen causal LM.
 
     The LM is loaded in ``configure_model`` (so strategies can shard it), every parameter is
-    frozen, and the mask family attaches its learnable state to the target modules.
+    frozen, and the mask family attaches its learnable state to the target modules. Under
+    ``ModelParallelStrategy`` every decoder layer, then the whole LM, is sharded with FSDP2
+    (``fully_shard``; see :mod:`lightning_prune.sharding`).
 
     Args:
         model: embedded model name (``smollm2-135m``), local HF folder or hub id.
@@ -57,19 +60,24 @@ class PruningModule(LightningModule):
             get_registry().info("initializers", initializer_name(init_mask))  # fail early
         self.model: torch.nn.Module | None = None
         self.strict_loading = False  # checkpoints hold the learnable state only
+        self.register_state_dict_post_hook(_keep_learned_state)
 
     # -- model ------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.model is not None:
             return
         model = load_causal_lm(self.model_name, self.dtype_name, self.attn_implementation)
+        mesh = fsdp_mesh(self._device_mesh)
         model.requires_grad_(False)
-        self.mask_family.attach(model, adapter_for(model))
+        adapter = adapter_for(model)
+        self.mask_family.attach(model, adapter)
         for regularizer in self.regularizers:
             regularizer.bind(self.mask_family)
         self.model = model
         if self.init_mask is not None and self._trainer is not None:
-            self.apply_initializer(self.init_mask)
+            self.apply_initializer(self.init_mask)  # same data on every rank: same masks
+        if mesh is not None:
+            shard_model(model, adapter, self.mask_family, mesh)
 
     def apply_initializer(self, name: str | dict[str, Any]) -> None:
         """Warm-start the mask family from a one-shot initializer plugin (name or spec).
@@ -120,7 +128,7 @@ class PruningModule(LightningModule):
         for regularizer in self.regularizers:
             if not regularizer.has_prox:
                 total = total + regularizer.penalty(self.mask_family)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss
         if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
             self._log_regularizers()
         return total
@@ -139,6 +147,10 @@ class PruningModule(LightningModule):
 
     def configure_optimizers(self) -> Any:
         return self.solver.configure_optimizers(self)
+
+    def on_after_backward(self) -> None:
+        if self._device_mesh is not None:  # FSDP2 reduces only the parameters it shards
+            all_reduce_replicated_grads(self)
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -177,19 +189,34 @@ class PruningModule(LightningModule):
             "version": __version__,
         }
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        trainable |= {  # W0 replaced by a one-shot method's updated weights (SparseGPT)
+    def learned_state_keys(self) -> set[str]:
+        """State-dict keys a checkpoint keeps: trainable tensors and replaced W0s."""
+        keys = {n for n, p in self.named_parameters() if p.requires_grad}
+        keys |= {  # W0 replaced by a one-shot method's updated weights (SparseGPT)
             f"model.{name}.parametrizations.weight.original"
             for name in getattr(self.mask_family, "updated_weights", ())
         }
+        return keys
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.learned_state_keys()
         checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
+            k: v for k, v in checkpoint["state_dict"].items() if k in keep
         }
         checkpoint["lightning_prune"] = self.fingerprint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint(checkpoint, self)
+
+
+def _keep_learned_state(module: PruningModule, state_dict: dict, prefix: str, metadata) -> None:
+    """State-dict post hook: the frozen LM is never saved, so sharded (distributed) checkpoints
+    hold only the learned state and load it without the frozen weights."""
+    if prefix or module.model is None:
+        return
+    keep = module.learned_state_keys()
+    for key in [k for k in state_dict if k not in keep]:
+        del state_dict[key]
 
 
 def check_checkpoint(checkpoint: dict[str, Any], module: PruningModule) -> None:

@@ -111,6 +111,11 @@ class MaskFamily(ABC):
         """Target modules by qualified name (each holds its parametrization)."""
         return self._targets
 
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Mask parameters kept whole on every rank under FSDP2 (small state that is read
+        outside its layer's forward, e.g. gate logits and Lagrange multipliers)."""
+        return []
+
     def parametrizations(self) -> dict[str, nn.Module]:
         """The mask parametrization of every target, by module name."""
         return {n: m.parametrizations.weight[0] for n, m in self._targets.items()}

@@ -11,6 +11,7 @@ from torch import nn
 from lightning_prune.errors import ConfigError
 from lightning_prune.masks.base import MaskFamily, MaskParametrization
 from lightning_prune.ops.nm_prox import is_nm, nm_topn_mask
+from lightning_prune.sharding import is_sharded, local
 
 
 class NMSurrogate(MaskParametrization):
@@ -30,10 +31,30 @@ class NMSurrogate(MaskParametrization):
         """View ``tensor`` as ``[out, in]`` so groups run along the last dim."""
         return tensor.t() if self.transposed else tensor
 
+    def local_rows(self) -> torch.Tensor:
+        """This rank's shard of the surrogate as ``[out, in]`` (whole groups; the full
+        surrogate when not sharded). In-place changes update the parameter."""
+        return self.rows(local(self.surrogate.data))
+
     def compute_hard_mask(self) -> torch.Tensor:
-        """Top-N magnitudes per group of the learned surrogate, in storage orientation."""
-        rows = nm_topn_mask(self.rows(self.surrogate.detach()), self.n, self.m)
-        return self.rows(rows)
+        """Top-N magnitudes per group of the learned surrogate, in storage orientation.
+
+        On an FSDP2-sharded surrogate (outside the layer's forward) this is the mask of this
+        rank's shard; inside the forward the surrogate is gathered and the mask is whole.
+        """
+        return self.rows(nm_topn_mask(self.local_rows(), self.n, self.m))
+
+    def set_mode(self, mode: str) -> None:
+        if is_sharded(self.surrogate):  # no full-size cache per rank: the forward computes it
+            self.mode = mode
+            self.final_mask = torch.empty(0, dtype=torch.bool, device=self.final_mask.device)
+            return
+        super().set_mode(mode)
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        if self.mode == "hard" and not self.final_mask.numel():
+            return original * self.compute_hard_mask().to(original.dtype)
+        return super().forward(original)
 
     def learned_weight(self, original: torch.Tensor) -> torch.Tensor:
         return self.surrogate

@@ -387,6 +387,10 @@ class UniformStructuredFamily(MaskFamily, nn.Module):
         """Lagrange multipliers (maximised)."""
         return [p for gates in self._gates.values() for g in gates for p in (g.y1, g.y2)]
 
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Gate logits and multipliers: tiny, read by the Lagrangian outside the layers."""
+        return self.mask_parameters() + self.multiplier_parameters()
+
     def target_parameters(self) -> list[nn.Parameter]:
         """Learned per-type targets (empty when targets are given per type)."""
         return [] if self.learned_targets is None else [self.learned_targets]

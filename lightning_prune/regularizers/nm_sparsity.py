@@ -11,6 +11,19 @@ from lightning_prune.errors import ConfigError
 from lightning_prune.masks.base import MaskFamily
 from lightning_prune.ops.nm_prox import nm_group_fraction, nm_prox, nm_regularizer
 from lightning_prune.regularizers.base import Regularizer
+from lightning_prune.sharding import is_sharded
+
+
+def sum_over_shards(value: torch.Tensor, family: MaskFamily) -> torch.Tensor:
+    """Sum a per-rank partial value over ranks when the surrogates are FSDP2-sharded."""
+    surrogates = [p.surrogate for p in family.parametrizations().values()]
+    if not surrogates or not is_sharded(surrogates[0]):
+        return value
+    import torch.distributed as dist
+
+    value = value.to(surrogates[0].device, copy=True)  # NCCL reduces device tensors only
+    dist.all_reduce(value)
+    return value.cpu()
 
 
 class NMSparsityRegularizer(Regularizer):
@@ -54,8 +67,7 @@ class NMSparsityRegularizer(Regularizer):
     @torch.no_grad()
     def prox_(self, family: MaskFamily, lr: float) -> None:
         for parametrization in family.parametrizations().values():
-            weight = parametrization.surrogate
-            rows = parametrization.rows(weight.data)
+            rows = parametrization.local_rows()  # whole groups on every FSDP2 shard
             lam = self.layer_lambda(parametrization, lr)
             rows.copy_(nm_prox(rows, lam, parametrization.n, parametrization.m))
 
@@ -63,10 +75,10 @@ class NMSparsityRegularizer(Regularizer):
     def penalty(self, family: MaskFamily) -> torch.Tensor:
         total = torch.zeros(())
         for parametrization in family.parametrizations().values():
-            rows = parametrization.rows(parametrization.surrogate.detach())
+            rows = parametrization.local_rows()
             value = nm_regularizer(rows, parametrization.n, parametrization.m)
             total = total + self.layer_lambda(parametrization) * value.float().cpu()
-        return total
+        return sum_over_shards(total, family)
 
     @torch.no_grad()
     def metrics(self, family: MaskFamily) -> dict[str, float]:

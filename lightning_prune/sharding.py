@@ -1,0 +1,147 @@
+"""FSDP2 sharding of the pruned LM (``fully_shard`` per decoder layer) and its layout checks.
+
+Lightning's ``ModelParallelStrategy`` calls ``PruningModule.configure_model`` with a device mesh;
+this module shards the frozen LM there. FSDP2 shards every parameter along dim 0 unless told
+otherwise. N:M groups run along the *input* dim, so:
+
+- ``nn.Linear`` weights (``[out, in]``) are sharded by rows: every rank holds whole groups;
+- transposed weights (GPT-2 ``Conv1D``, ``[in, out]``) would be cut along the group dim, so
+  their W0 and surrogate are sharded along dim 1 (output features) instead;
+- :func:`check_whole_groups` asserts the result and refuses a layout where a group straddles
+  two shards.
+
+Mask state that is small and read outside the layer's forward (structured gates, Lagrange
+multipliers) is not sharded: the family lists it in ``replicated_parameters()``, and
+:func:`all_reduce_replicated_grads` averages its gradients over ranks after every backward.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from lightning_prune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from lightning_prune.adapters.base import ModelAdapter
+    from lightning_prune.masks.base import MaskFamily
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (an FSDP2-sharded parameter)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor (a view of its storage), else ``tensor`` itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def shard_bounds(size: int, world: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of every rank's shard of a dim of ``size`` (FSDP2's ``torch.chunk``)."""
+    chunk = -(-size // world)
+    return [(min(r * chunk, size), min((r + 1) * chunk, size)) for r in range(world)]
+
+
+def straddling_rank(size: int, world: int, m: int) -> int | None:
+    """The first rank whose shard of a group dim of ``size`` cuts a group of ``m``, or ``None``."""
+    for rank, (start, end) in enumerate(shard_bounds(size, world)):
+        if start % m or (end - start) % m:
+            return rank
+    return None
+
+
+def fsdp_mesh(device_mesh: DeviceMesh | None) -> DeviceMesh | None:
+    """The 1-D data-parallel mesh FSDP2 shards over, or ``None`` when not model-parallel.
+
+    Tensor parallelism is not supported: ``ModelParallelStrategy`` must be configured with
+    ``tensor_parallel_size: 1`` and ``data_parallel_size`` = devices x nodes.
+    """
+    if device_mesh is None:
+        return None
+    if "tensor_parallel" in (device_mesh.mesh_dim_names or ()):
+        tp = device_mesh["tensor_parallel"].size()
+        if tp > 1:
+            world = device_mesh.size()
+            raise ConfigError(
+                f"trainer.strategy: ModelParallelStrategy has tensor_parallel_size={tp}, but "
+                "lightning-prune shards with FSDP2 only; set tensor_parallel_size: 1 and "
+                f"data_parallel_size: {world} (devices x num_nodes)"
+            )
+        return device_mesh["data_parallel"]
+    return device_mesh
+
+
+def shard_model(
+    model: nn.Module, adapter: ModelAdapter, family: MaskFamily, mesh: DeviceMesh
+) -> None:
+    """``fully_shard`` every decoder layer, then the whole LM (embeddings, norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    ignored = set(family.replicated_parameters())
+    along_out = set()  # weights stored [in, out]: shard dim 1 so N:M groups stay whole
+    for module in family.targets().values():
+        parametrization = module.parametrizations.weight[0]
+        if getattr(parametrization, "transposed", False) and hasattr(parametrization, "surrogate"):
+            original = module.parametrizations.weight.original
+            along_out |= {id(parametrization.surrogate), id(original)}
+
+    def placement(param: nn.Parameter) -> Shard | None:
+        return Shard(1) if id(param) in along_out else None
+
+    for layer in adapter.decoder_layers(model):
+        fully_shard(layer, mesh=mesh, shard_placement_fn=placement, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, shard_placement_fn=placement, ignored_params=ignored)
+    check_whole_groups(family)
+
+
+def check_whole_groups(family: MaskFamily) -> None:
+    """Raise ``ConfigError`` if any rank's shard of an N:M surrogate cuts a group."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for name, parametrization in family.parametrizations().items():
+        surrogate = getattr(parametrization, "surrogate", None)
+        if surrogate is None or not is_sharded(surrogate):
+            continue
+        group_dim = 0 if parametrization.transposed else 1
+        m = parametrization.m
+        shape, offset = compute_local_shape_and_global_offset(
+            surrogate.shape, surrogate.device_mesh, surrogate.placements
+        )
+        if offset[group_dim] % m or shape[group_dim] % m:
+            raise ConfigError(
+                f"layer '{name}': its {tuple(surrogate.shape)} weight is sharded so that an "
+                f"N:M group of {m} straddles two ranks (local shard {tuple(shape)} at offset "
+                f"{tuple(offset)}); use a world size that divides the input features in "
+                f"multiples of {m}, or exclude the layer with mask_family.exclude"
+            )
+
+
+def all_reduce_replicated_grads(module: nn.Module) -> None:
+    """Average the gradients of trainable, unsharded parameters over all ranks (FSDP2 only
+    reduces the parameters it shards)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    grads = [
+        p.grad
+        for p in module.parameters()
+        if p.requires_grad and p.grad is not None and not is_sharded(p)
+    ]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()

@@ -44,6 +44,7 @@ PANELS: list[tuple[str, Callable[[str], bool], bool]] = [
 LOSSES = ("train/loss", "val/loss", "train/distill")
 STYLES = ("-", "--", ":", "-.")
 KEPT_COLORS = ListedColormap(["#dddddd", "#2e7d32"])
+MAX_COLUMNS = 96  # unit maps wider than this are drawn as kept shares of unit blocks
 
 
 def to_png(figure: Figure) -> bytes:
@@ -115,14 +116,15 @@ def nm_figure(summary: NMSummary, metrics: Series, run_name: str) -> bytes:
 
     axes = figure.add_subplot(grid[0])
     done = summary.done()
-    image = axes.imshow(done, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    low, high = _color_range(done)
+    image = axes.imshow(done, aspect="auto", cmap="viridis", vmin=low, vmax=high)
     _layer_ticks(axes, layers)
     axes.set_xticks(range(len(modules)), modules, rotation=45, ha="right")
     axes.set_title(f"share of groups with ≤{summary.n} of {summary.m} nonzero, at the end")
     if done.size <= 160:
         for (i, j), value in np.ndenumerate(done):
             if np.isfinite(value):
-                color = "black" if value > 0.6 else "white"
+                color = "black" if value > (low + high) / 2 else "white"
                 axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
     figure.colorbar(image, ax=axes, shrink=0.8)
 
@@ -184,16 +186,25 @@ def structured_figure(summary: StructuredSummary, metrics: Series, run_name: str
     for index, kind in enumerate(kinds):
         kept = summary.kept[kind]
         axes = figure.add_subplot(grid[index])
-        axes.imshow(kept, aspect="auto", cmap=KEPT_COLORS, vmin=0, vmax=1, interpolation="nearest")
+        block = -(-kept.shape[1] // MAX_COLUMNS)  # units per drawn column
+        if block == 1:
+            axes.imshow(kept, aspect="auto", cmap=KEPT_COLORS, vmin=0, vmax=1)
+            axes.set_xlabel(f"{kind[:-1]} index")
+        else:  # too many units for one pixel each: kept share per block of units
+            shares = _block_means(kept, block)
+            extent = (-0.5, kept.shape[1] - 0.5, kept.shape[0] - 0.5, -0.5)
+            image = axes.imshow(shares, aspect="auto", cmap="Greens", vmin=0, vmax=1, extent=extent)
+            figure.colorbar(image, ax=axes, shrink=0.8, label=f"kept share per {block} {kind}")
+            axes.set_xlabel(f"{kind[:-1]} index")
         _layer_ticks(axes, list(range(kept.shape[0])))
-        axes.set_xlabel(f"{kind[:-1]} index")
         counts = sorted(set(kept.sum(1).tolist()))
         width = (
             f"{counts[0]} of {kept.shape[1]} in every layer"
             if len(counts) == 1
             else (f"{counts[0]}–{counts[-1]} of {kept.shape[1]} (not uniform)")
         )
-        axes.set_title(f"{kind} kept (green, removed grey): {width}", fontsize=10)
+        legend = "green: kept, grey: removed" if block == 1 else "darker: more kept"
+        axes.set_title(f"{kind} kept ({legend}):\n{width}", fontsize=10)
     axes = figure.add_subplot(grid[len(kinds)])
     plotted = False
     for color, kind in enumerate(kinds):
@@ -218,6 +229,26 @@ def structured_figure(summary: StructuredSummary, metrics: Series, run_name: str
         axes.set_axis_off()
         axes.text(0.5, 0.5, "no training log", ha="center", va="center")
     return to_png(figure)
+
+
+def _block_means(kept: np.ndarray, block: int) -> np.ndarray:
+    """Kept share of every ``block`` consecutive units (the last block may be shorter)."""
+    starts = np.arange(0, kept.shape[1], block)
+    return np.add.reduceat(kept.astype(float), starts, axis=1) / np.diff(
+        np.append(starts, kept.shape[1])
+    )
+
+
+def _color_range(values: np.ndarray) -> tuple[float, float]:
+    """The finite range of ``values`` (at least 0.05 wide, inside [0, 1]) for a share map."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = float(finite.min()), float(finite.max())
+    if high - low < 0.05:
+        middle = (low + high) / 2
+        low, high = max(0.0, middle - 0.025), min(1.0, middle + 0.025)
+    return low, high
 
 
 def _per_layer(metrics: Series, pattern: str) -> tuple[list[int], np.ndarray, list[int]] | None:

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lightning_prune.calibration import LayerwiseCalibration, storage_weight, swapped_weights
 from lightning_prune.masks.base import MaskFamily
@@ -52,7 +53,7 @@ def layer_by_layer(
         calibration = LayerwiseCalibration(
             model, batches, max_batches=max_batches, min_tokens=min_tokens, what=what
         )
-        for index in range(len(calibration.layers)):
+        for index in tqdm(range(len(calibration.layers)), desc=f"{what}: layers", leave=False):
             modules = calibration.layer_targets(index, targets)
             if modules:
                 stats = {name: InputStats(hessian) for name in modules}

@@ -128,7 +128,9 @@ def test_report_holds_every_section_and_decodable_images(runs, tmp_path) -> None
     assert "decode tok/s dense → pruned" in page and "export" in page  # speed and size
 
 
-def test_mask_views_read_the_checkpoint_and_agree_with_the_export(runs) -> None:
+def test_mask_views_read_the_checkpoint_and_agree_with_the_export(
+    runs, small_model, tmp_path
+) -> None:
     nm = summarize(load_run(runs["nm"]))
     assert isinstance(nm, NMSummary) and (nm.n, nm.m) == (2, 4)
     assert nm.layers == [0, 1] and nm.modules[0] == "q_proj" and len(nm.modules) == 7
@@ -136,6 +138,20 @@ def test_mask_views_read_the_checkpoint_and_agree_with_the_export(runs) -> None:
     assert 0 < nm.done().mean() < 1  # lam=0.3 for six steps: some groups are N:M, not all
     metrics = load_run(runs["nm"]).metrics
     assert {"reg/nm_groups_done_l0", "reg/nm_groups_done_l1"} <= set(metrics)
+    ckpt = runs["nm"] / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    packed = tmp_path / "compressed"
+    cli(
+        "export",
+        NM_CONFIG,
+        small_model,
+        "--model.init_mask=null",
+        f"--ckpt_path={ckpt}",
+        f"--output_dir={packed}",
+        "--format=compressed-nm",
+    )
+    exported = summarize(load_run(packed))
+    assert isinstance(exported, NMSummary) and exported.modules == nm.modules
+    assert np.allclose(exported.done(), 1.0)  # the shipped weights are exactly 2:4
 
     from_checkpoint = summarize(load_run(runs["mm"]))
     from_export = summarize(load_run(runs["mm"] / "export"))

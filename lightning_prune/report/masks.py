@@ -139,11 +139,10 @@ def export_summary(folder: Path, record: dict[str, Any]) -> MaskSummary | None:
     if "kept_units" in record and "dense_shape" in record:
         return structured_summary(record["kept_units"], record["dense_shape"], "exported model")
     if "n" in record and "m" in record and record.get("sparsity"):
-        from transformers import AutoModelForCausalLM
-
         from lightning_prune.adapters import adapter_for
+        from lightning_prune.loader import load_pretrained
 
-        model = AutoModelForCausalLM.from_pretrained(folder)
+        model = load_pretrained(folder)  # hf (dense zeros) or compressed-nm
         adapter = adapter_for(model)
         rows = {}
         for name in record["sparsity"]:

@@ -137,6 +137,8 @@ def test_mask_views_read_the_checkpoint_and_agree_with_the_export(
     assert np.allclose(nm.levels.sum(-1), 1.0)
     assert 0 < nm.done().mean() < 1  # lam=0.3 for six steps: some groups are N:M, not all
     metrics = load_run(runs["nm"]).metrics
+    version = load_run(runs["nm"] / "lightning_logs" / "version_0")
+    assert version.name == "proxsparse/version_0" and version.metrics == metrics
     assert {"reg/nm_groups_done_l0", "reg/nm_groups_done_l1"} <= set(metrics)
     ckpt = runs["nm"] / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     packed = tmp_path / "compressed"

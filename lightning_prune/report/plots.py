@@ -110,9 +110,10 @@ def nm_figure(summary: NMSummary, metrics: Series, run_name: str) -> bytes:
     """Share of N:M groups per layer and module (end), groups by nonzeros, per layer over steps."""
     layers, modules = summary.layers, summary.modules
     height = max(4.2, 0.26 * len(layers) + 1.6)
-    figure = Figure(figsize=(17, height), layout="constrained")
+    logged = any(c.startswith("reg/nm_groups_done") for c in metrics)
+    figure = Figure(figsize=(17 if logged else 11.5, height), layout="constrained")
     figure.suptitle(f"{run_name}: {summary.n}:{summary.m} groups ({summary.what})", fontsize=12)
-    grid = figure.add_gridspec(1, 3, width_ratios=[1.1, 1.2, 1.4])
+    grid = figure.add_gridspec(1, 3 if logged else 2, width_ratios=[1.1, 1.2, 1.4][: 2 + logged])
 
     axes = figure.add_subplot(grid[0])
     done = summary.done()
@@ -147,7 +148,13 @@ def nm_figure(summary: NMSummary, metrics: Series, run_name: str) -> bytes:
         ncol=summary.m + 1,
     )
 
-    axes = figure.add_subplot(grid[2])
+    if logged:
+        _nm_progress(figure, figure.add_subplot(grid[2]), metrics)
+    return to_png(figure)
+
+
+def _nm_progress(figure: Figure, axes, metrics: Series) -> None:
+    """Share of groups already N:M over steps: per layer (heatmap) or overall (line)."""
     per_layer = _per_layer(metrics, r"reg/nm_groups_done_l(\d+)")
     if per_layer is not None:
         steps, values, indices = per_layer
@@ -163,16 +170,12 @@ def nm_figure(summary: NMSummary, metrics: Series, run_name: str) -> bytes:
         axes.set_xlabel("step")
         axes.set_title("share of groups already N:M while learning")
         figure.colorbar(image, ax=axes, shrink=0.8)
-    elif metrics.get("reg/nm_groups_done"):
+    else:
         steps, values = zip(*metrics["reg/nm_groups_done"])
         axes.plot(steps, values, marker="o" if len(steps) < 3 else None)
         axes.set_xlabel("step")
         axes.set_title("share of groups already N:M while learning (all layers)")
         axes.grid(alpha=0.3)
-    else:
-        axes.set_axis_off()
-        axes.text(0.5, 0.5, "no training log", ha="center", va="center")
-    return to_png(figure)
 
 
 def structured_figure(summary: StructuredSummary, metrics: Series, run_name: str) -> bytes:
@@ -180,9 +183,11 @@ def structured_figure(summary: StructuredSummary, metrics: Series, run_name: str
     kinds = [k for k, kept in summary.kept.items() if kept.size]
     layers = max(kept.shape[0] for kept in summary.kept.values())
     height = max(4.0, 0.22 * layers + 2.0)
-    figure = Figure(figsize=(17, height), layout="constrained")
+    logged = [k for k in kinds if _per_layer(metrics, rf"reg/{k}_expected_l(\d+)") is not None]
+    figure = Figure(figsize=(6 * len(kinds) + 5 * bool(logged), height), layout="constrained")
     figure.suptitle(f"{run_name}: kept attention heads and MLP channels ({summary.what})")
-    grid = figure.add_gridspec(1, len(kinds) + 1, width_ratios=[1.0] * len(kinds) + [1.3])
+    ratios = [1.0] * len(kinds) + [1.3] * bool(logged)
+    grid = figure.add_gridspec(1, len(ratios), width_ratios=ratios)
     for index, kind in enumerate(kinds):
         kept = summary.kept[kind]
         axes = figure.add_subplot(grid[index])
@@ -205,29 +210,24 @@ def structured_figure(summary: StructuredSummary, metrics: Series, run_name: str
         )
         legend = "green: kept, grey: removed" if block == 1 else "darker: more kept"
         axes.set_title(f"{kind} kept ({legend}):\n{width}", fontsize=10)
+    if not logged:
+        return to_png(figure)
     axes = figure.add_subplot(grid[len(kinds)])
-    plotted = False
     for color, kind in enumerate(kinds):
-        per_layer = _per_layer(metrics, rf"reg/{kind}_expected_l(\d+)")
-        if per_layer is None:
+        if kind not in logged:
             continue
-        steps, values, _ = per_layer
+        steps, values, _ = _per_layer(metrics, rf"reg/{kind}_expected_l(\d+)")
         for row, series in enumerate(values):
             label = f"{kind} (one line per layer)" if row == 0 else None
             axes.plot(steps, series, color=f"C{color}", alpha=0.5, lw=1, label=label)
         if metrics.get(f"reg/{kind}_target"):
             target_steps, target = zip(*metrics[f"reg/{kind}_target"])
             axes.plot(target_steps, target, "--", color=f"C{color}", lw=2, label=f"{kind} target")
-        plotted = True
-    if plotted:
-        axes.set_xlabel("step")
-        axes.set_ylabel("expected kept share")
-        axes.set_title("expected kept share per layer while learning")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-    else:
-        axes.set_axis_off()
-        axes.text(0.5, 0.5, "no training log", ha="center", va="center")
+    axes.set_xlabel("step")
+    axes.set_ylabel("expected kept share")
+    axes.set_title("expected kept share per layer while learning")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
     return to_png(figure)
 
 
@@ -240,15 +240,11 @@ def _block_means(kept: np.ndarray, block: int) -> np.ndarray:
 
 
 def _color_range(values: np.ndarray) -> tuple[float, float]:
-    """The finite range of ``values`` (at least 0.05 wide, inside [0, 1]) for a share map."""
+    """The finite range of ``values`` for a share map; ``(0, 1)`` when it is under 0.05 wide."""
     finite = values[np.isfinite(values)]
-    if finite.size == 0:
+    if finite.size == 0 or float(finite.max() - finite.min()) < 0.05:
         return 0.0, 1.0
-    low, high = float(finite.min()), float(finite.max())
-    if high - low < 0.05:
-        middle = (low + high) / 2
-        low, high = max(0.0, middle - 0.025), min(1.0, middle + 0.025)
-    return low, high
+    return float(finite.min()), float(finite.max())
 
 
 def _per_layer(metrics: Series, pattern: str) -> tuple[list[int], np.ndarray, list[int]] | None:

@@ -49,7 +49,11 @@ def load_run(path: str | Path) -> RunData:
     root = Path(path)
     if not root.is_dir():
         raise ReportError(f"run folder '{root}': does not exist or is not a folder")
-    run = RunData(name=root.resolve().name, path=root, kind="run")
+    resolved = root.resolve()
+    name = resolved.name
+    if resolved.parent.name == "lightning_logs":  # a version folder: name it by its run
+        name = f"{resolved.parent.parent.name}/{name}"
+    run = RunData(name=name, path=root, kind="run")
     if (root / "pruning.json").is_file():
         run.kind = "export"
         run.exports[root.name] = _read_json(root / "pruning.json")

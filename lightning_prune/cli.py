@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from lightning_prune.cli_names import install_short_names
 from lightning_prune.commands import run_evaluate, run_export
 from lightning_prune.data.datamodule import CalibrationDataModule
 from lightning_prune.errors import ConfigError, LightningPruneError
+from lightning_prune.launch_checks import check_trainer_config
 from lightning_prune.module import PruningModule
 from lightning_prune.registry import get_registry
 
@@ -143,6 +145,7 @@ class PruneCLI(LightningCLI):
         """The configured trainer plus what every run needs unless configured otherwise:
         RNG state in checkpoints, numeric fault checks and atomic checkpoint files."""
         config = self._get(self.config_init, "trainer", default={})
+        check_trainer_config(config)  # strategy / devices / nodes, before any process starts
         callbacks = _as_list(config.get("callbacks"))
         callbacks += [
             default()
@@ -156,12 +159,32 @@ class PruneCLI(LightningCLI):
             plugins.append(SafeCheckpointIO())
         return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads ``ckpt_path`` (weights_only) for hyperparameters before any of our
+        # code runs: turn an unreadable file into a clear error here.
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise ConfigError(f"ckpt_path: '{path}' {unreadable_reason(err)}") from err
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model", "data.tokenizer")
 
     def before_export(self) -> None:
         config = self.config[self.subcommand]
         self.trainer.run_config = _to_plain(config.as_dict())
+
+
+def unreadable_reason(err: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in one line."""
+    if isinstance(err, pickle.UnpicklingError):
+        return (
+            "is not a readable checkpoint: it holds objects other than tensors and plain "
+            "values, and checkpoints are never unpickled"
+        )
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"is not a readable checkpoint (truncated or not a torch file: {first_line})"
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -234,9 +257,23 @@ def main(args: list[str] | None = None) -> None:
     install_short_names()
     try:
         _run_cli(None if args is None else argv)
-    except LightningPruneError as err:
-        print(f"lightning-prune: error: {err}", file=sys.stderr)
+    except Exception as err:
+        ours = _our_error(err)
+        if ours is None:
+            raise
+        print(f"lightning-prune: error: {ours}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _our_error(err: BaseException | None) -> LightningPruneError | None:
+    """``err`` or the error it wraps (jsonargparse wraps errors raised in ``__init__``)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, LightningPruneError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _run_cli(args: list[str] | None) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_prune import __version__
 from lightning_prune.adapters import adapter_for
@@ -99,20 +101,29 @@ class PruningModule(LightningModule):
         self.mask_family.apply_initial_masks(masks)
 
     def setup(self, stage: str) -> None:
+        ckpt_path = self.trainer.ckpt_path
+        if stage == "fit" and ckpt_path and Path(ckpt_path).exists():  # before any loading
+            from lightning_prune.checkpoints import check_resume_layout, read_checkpoint_header
+
+            check_checkpoint(read_checkpoint_header(ckpt_path), self)
+            fsdp2 = isinstance(self.trainer.strategy, ModelParallelStrategy)
+            check_resume_layout(ckpt_path, fsdp2, self.trainer.world_size)
         datamodule = getattr(self.trainer, "datamodule", None)
         seq_len = getattr(datamodule, "seq_len", None)
         if seq_len is None:
             return
-        from transformers import AutoConfig
-
-        from lightning_prune.models.loading import resolve_model_path
-
-        config = AutoConfig.from_pretrained(resolve_model_path(self.model_name))
+        config = self._hf_config()
         context = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", None
         )
         if context and seq_len > context:
             raise ConfigError(f"data.seq_len: {seq_len} exceeds the model's context {context}")
+
+    def _hf_config(self) -> Any:
+        """The LM's HF config, read without loading weights."""
+        from lightning_prune.models.loading import load_config
+
+        return load_config(self.model_name)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
         return self.model(input_ids=input_ids, labels=labels)
@@ -178,7 +189,7 @@ class PruningModule(LightningModule):
     # -- checkpoints: learnable state + identity ----------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must match to be loaded into this module."""
-        config = self.model.config
+        config = self.model.config if self.model is not None else self._hf_config()
         return {
             "model": self.model_name,
             "model_type": config.model_type,
@@ -204,6 +215,10 @@ class PruningModule(LightningModule):
             k: v for k, v in checkpoint["state_dict"].items() if k in keep
         }
         checkpoint["lightning_prune"] = self.fingerprint()
+        checkpoint["lightning_prune_layout"] = {
+            "fsdp2": self._device_mesh is not None,
+            "world_size": self.trainer.world_size if self._trainer is not None else 1,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint(checkpoint, self)
@@ -233,6 +248,8 @@ def check_checkpoint(checkpoint: dict[str, Any], module: PruningModule) -> None:
             f"ckpt_path: checkpoint was made for another model or mask ({detail}); "
             f"it was saved for model '{saved.get('model')}'"
         )
+    if "state_dict" not in checkpoint:  # a header, or FSDP2 already loaded the shards
+        return
     expected = {n for n, p in module.named_parameters() if p.requires_grad}
     missing = expected - set(checkpoint["state_dict"])
     if missing:

@@ -11,6 +11,7 @@ itself moves far more entries than that. Each fit runs once (module-scoped fixtu
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_prune.checkpoints import load_learned_state
+from lightning_prune.checkpoints import consolidate_checkpoint, load_learned_state
 from lightning_prune.module import PruningModule
 from lightning_prune.ops.nm_prox import nm_topn_mask
 
@@ -42,6 +43,23 @@ STRATEGIES = {
     "ddp": [f"--config={CONFIGS / 'ddp.yaml'}", "--data.batch_size=1"],
     "fsdp2": [f"--config={CONFIGS / 'fsdp2.yaml'}", "--data.batch_size=1"],
 }
+# proximal's FSDP2 run is a simulated 2-node job: torchrun twice (node_rank 0 and 1, one process
+# each) on the loopback address, with the multi-node config and num_nodes=2
+TWO_NODES = [
+    f"--config={CONFIGS / 'fsdp_multinode.yaml'}",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.num_nodes=2",
+    "--trainer.strategy.init_args.data_parallel_size=2",
+    "--data.batch_size=1",
+]
+ONE_RANK_FSDP2 = [  # resume a 2-rank sharded checkpoint on 1 rank: DCP reshards
+    f"--config={CONFIGS / 'fsdp2.yaml'}",
+    "--trainer.devices=1",
+    "--trainer.strategy.init_args.data_parallel_size=1",
+    "--trainer.strategy.init_args.save_distributed_checkpoint=false",
+    "--data.batch_size=2",
+]
 LOSS_RTOL = {"proximal": 1e-3, "minimax": 1e-5}
 MASK_AGREEMENT = {"proximal": 0.999, "minimax": 1.0}  # share of equal mask entries
 
@@ -81,6 +99,36 @@ def launch(
     return result
 
 
+def launch_two_nodes(args: list[str], cwd: Path) -> None:
+    """Two torchrun agents, one per simulated node, meeting on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    script = Path(sys.executable).with_name("lightning-prune")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    logs = [cwd / f"node{rank}.log" for rank in (0, 1)]
+    agents = []
+    for rank, log in enumerate(logs):
+        command = [
+            str(torchrun),
+            "--nnodes=2",
+            f"--node_rank={rank}",
+            "--nproc_per_node=1",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "--no-python",
+            str(script),
+            *args,
+        ]
+        with open(log, "w") as handle:
+            agents.append(subprocess.Popen(command, env=env, cwd=cwd, stdout=handle, stderr=handle))
+    for agent, log in zip(agents, logs):
+        assert agent.wait(timeout=600) == 0, log.read_text()[-4000:]
+
+
 def run_dir(root: Path) -> Path:
     return next((root / "lightning_logs").glob("version_*"))
 
@@ -93,6 +141,13 @@ def losses(root: Path) -> list[float]:
 
 def load_module(solver: str, model: str, ckpt: Path) -> PruningModule:
     """A fresh module of ``solver``'s recipe with a checkpoint (full or sharded) loaded."""
+    module = load_module_shell(solver, model)
+    load_learned_state(module, ckpt)
+    return module
+
+
+def load_module_shell(solver: str, model: str) -> PruningModule:
+    """A fresh module of ``solver``'s recipe (the LM is loaded on first use)."""
     from lightning_prune.cli_names import install_short_names
 
     install_short_names()
@@ -107,7 +162,6 @@ def load_module(solver: str, model: str, ckpt: Path) -> PruningModule:
 
         family = UniformStructuredFamily(budget=0.25, channel_multiple=32, gate="sigmoid_topk")
         module = PruningModule(family, MinimaxSolver(), model=model)
-    load_learned_state(module, ckpt)
     return module
 
 
@@ -128,7 +182,10 @@ def runs(request, small_model, tmp_path_factory) -> dict:
     roots = {}
     for strategy, extra in STRATEGIES.items():
         root = tmp_path_factory.mktemp(f"{solver}-{strategy}")
-        launch(fit_args(solver, small_model, root, *extra), cwd=root)
+        if strategy == "fsdp2" and solver == "proximal":
+            launch_two_nodes(fit_args(solver, small_model, root, *TWO_NODES), cwd=root)
+        else:
+            launch(fit_args(solver, small_model, root, *extra), cwd=root)
         roots[strategy] = root
     return {"solver": solver, "model": small_model, "roots": roots}
 
@@ -154,3 +211,58 @@ def test_ddp_and_fsdp2_match_one_rank(runs) -> None:
         assert differ <= 1 - MASK_AGREEMENT[solver], (strategy, differ)
         if moved is not None:
             assert moved > 20 * max(differ, 1e-5), (strategy, moved, differ)
+
+
+def test_resume_from_sharded_matches_resume_from_full(runs, tmp_path) -> None:
+    """Epoch 2 resumed from the 2-rank sharded checkpoint on 1 FSDP2 rank (resharded) repeats
+    epoch 2 resumed from the single-device full checkpoint."""
+    solver, model, roots = runs["solver"], runs["model"], runs["roots"]
+    resumed = {}
+    for source, extra in (("fsdp2", ONE_RANK_FSDP2), ("single", STRATEGIES["single"])):
+        root = tmp_path / source
+        ckpt = run_dir(roots[source]) / "checkpoints" / "last.ckpt"
+        args = fit_args(
+            solver, model, root, *extra, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"
+        )
+        launch(args, cwd=tmp_path)
+        resumed[source] = losses(root)
+    assert len(resumed["single"]) == 3  # steps 3-5 only: the first epoch was restored
+    assert resumed["fsdp2"] == pytest.approx(resumed["single"], rel=LOSS_RTOL[solver])
+    full = run_dir(tmp_path / "fsdp2") / "checkpoints" / "last.ckpt"
+    assert full.is_file()  # save_distributed_checkpoint=false: one full file
+    header = torch.load(full, map_location="cpu", weights_only=True)
+    assert header["lightning_prune_layout"] == {"fsdp2": True, "world_size": 1}
+
+
+def test_export_from_sharded_equals_export_from_full(runs, tmp_path) -> None:
+    solver, model, roots = runs["solver"], runs["model"], runs["roots"]
+    sharded = run_dir(roots["fsdp2"]) / "checkpoints" / "last.ckpt"
+    full = consolidate_checkpoint(load_module_shell(solver, model), sharded, tmp_path / "full.ckpt")
+    sources = {"sharded": sharded, "full": full}
+    if solver == "minimax":  # masks agree exactly: the single-device run exports the same model
+        sources["single"] = run_dir(roots["single"]) / "checkpoints" / "last.ckpt"
+    folders = {}
+    for label, ckpt in sources.items():
+        folders[label] = tmp_path / f"export-{label}"
+        args = [
+            "export",
+            *RECIPES[solver],
+            f"--model.model={model}",
+            f"--ckpt_path={ckpt}",
+            f"--output_dir={folders[label]}",
+        ]
+        launch(args, cwd=tmp_path)
+    reference = folders.pop("sharded")
+    names = sorted(p.name for p in reference.iterdir())
+    assert "model.safetensors" in names and "pruning.json" in names
+    for label, folder in folders.items():
+        assert sorted(p.name for p in folder.iterdir()) == names, label
+        for name in names:
+            a, b = (reference / name).read_bytes(), (folder / name).read_bytes()
+            if name == "pruning.json":  # the run config names the checkpoint path
+                a, b = (_without_config(json.loads(x)) for x in (a, b))
+            assert a == b, (label, name)
+
+
+def _without_config(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "config"}

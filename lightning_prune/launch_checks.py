@@ -1,0 +1,99 @@
+"""Checks of the trainer's strategy, devices and nodes, before any process starts or loads.
+
+Every message names the ``trainer`` field at fault and what to use instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from lightning_prune.errors import ConfigError
+
+#: strategies that need CUDA GPUs (Lightning refuses them on CPU, or NCCL cannot start)
+GPU_ONLY = ("fsdp", "fsdpstrategy", "deepspeed", "deepspeedstrategy", "xla", "xlastrategy")
+#: FSDP1 flattens parameters: a shard may cut an N:M group or a gate vector anywhere
+UNSUPPORTED = ("fsdp", "fsdpstrategy")
+FSDP2 = "modelparallelstrategy"
+
+
+def strategy_name(strategy: Any) -> str:
+    """Lower-case name of a strategy given as a string, a class path or an instance."""
+    if isinstance(strategy, str):
+        return strategy.rsplit(".", 1)[-1].lower()
+    return type(strategy).__name__.lower()
+
+
+def check_trainer_config(config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> None:
+    """Raise ``ConfigError`` when the strategy, devices or nodes cannot work here."""
+    env = os.environ if env is None else env
+    strategy = config.get("strategy", "auto")
+    name = strategy_name(strategy)
+    accelerator = str(config.get("accelerator", "auto")).lower()
+    has_gpu = torch.cuda.is_available()
+    if not has_gpu and accelerator in ("gpu", "cuda"):
+        raise ConfigError(
+            f"trainer.accelerator: '{accelerator}' but this machine has no CUDA GPU; use "
+            "accelerator: cpu"
+        )
+    if name.startswith(GPU_ONLY) and (not has_gpu or accelerator == "cpu"):
+        raise ConfigError(
+            f"trainer.strategy: '{name}' needs CUDA GPUs and this run is on CPU; use "
+            "configs/fsdp2.yaml (ModelParallelStrategy: FSDP2 over gloo on CPU) or "
+            "strategy: ddp"
+        )
+    if name in UNSUPPORTED:
+        raise ConfigError(
+            "trainer.strategy: FSDPStrategy (FSDP1) flattens parameters, so a shard can cut an "
+            "N:M group or a gate vector; use ModelParallelStrategy (FSDP2, configs/fsdp2.yaml, "
+            "GPUs and CPU) or strategy: ddp"
+        )
+    devices, nodes = config.get("devices", "auto"), config.get("num_nodes", 1)
+    check_launcher(devices, nodes, env)
+    if name == FSDP2 and not isinstance(strategy, str):
+        check_model_parallel(strategy, devices, nodes)
+
+
+def check_launcher(devices: Any, nodes: Any, env: Mapping[str, str]) -> None:
+    """``devices``/``num_nodes`` must match the processes torchrun or SLURM started."""
+    if "TORCHELASTIC_RUN_ID" in env and "LOCAL_WORLD_SIZE" in env and "WORLD_SIZE" in env:
+        per_node, world = int(env["LOCAL_WORLD_SIZE"]), int(env["WORLD_SIZE"])
+        launcher = f"torchrun started {world} processes, {per_node} per node"
+        _match(devices, per_node, nodes, world // max(per_node, 1), launcher)
+    elif "SLURM_NTASKS_PER_NODE" in env and "SLURM_NNODES" in env and "SLURM_JOB_ID" in env:
+        if env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+            return  # interactive allocation: Lightning launches the processes itself
+        per_node = int(env["SLURM_NTASKS_PER_NODE"].split("(")[0])
+        count = int(env["SLURM_NNODES"])
+        launcher = f"SLURM runs {per_node} tasks per node on {count} nodes"
+        _match(devices, per_node, nodes, count, launcher)
+
+
+def _match(devices: Any, per_node: int, nodes: Any, node_count: int, launcher: str) -> None:
+    if isinstance(devices, int) and devices != per_node:
+        raise ConfigError(f"trainer.devices: {devices}, but {launcher}; set devices: {per_node}")
+    if isinstance(nodes, int) and nodes != node_count:
+        raise ConfigError(
+            f"trainer.num_nodes: {nodes}, but {launcher}; set num_nodes: {node_count}"
+        )
+
+
+def check_model_parallel(strategy: Any, devices: Any, nodes: Any) -> None:
+    """FSDP2 only: ``tensor_parallel_size`` 1 and ``data_parallel_size`` = devices x nodes."""
+    tp = getattr(strategy, "_tensor_parallel_size", "auto")
+    dp = getattr(strategy, "_data_parallel_size", "auto")
+    world = devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else None
+    if tp != 1 and not (tp == "auto" and devices == 1):
+        raise ConfigError(
+            f"trainer.strategy.init_args.tensor_parallel_size: {tp!r}; lightning-prune shards "
+            "with FSDP2 only, set tensor_parallel_size: 1 (and data_parallel_size: devices x "
+            "num_nodes)"
+        )
+    if world is not None and dp != world and not (dp == "auto" and nodes == world):
+        raise ConfigError(
+            f"trainer.strategy.init_args.data_parallel_size: {dp!r}, expected devices x "
+            f"num_nodes = {world} (every rank holds a shard and its own batches)"
+        )

@@ -3,9 +3,10 @@ vs uniform structured.
 
 Builds every export from one model (a magnitude 2:4 mask and an untrained 25% uniform structured
 mask: speed and size do not depend on mask quality), writes the files in ``--file-dtype``, then
-measures each variant in a fresh process: file bytes, load time, peak memory, prefill and decode
-tokens/s (medians of ``--repeats`` runs) at every batch size and prompt length, next to the FLOP
-bound of the kernels that actually run. Prints tables and writes JSON.
+measures file bytes, and load time and peak memory of each variant in a fresh process; then
+prefill and decode tokens/s (medians of ``--repeats`` runs, the variants taking turns run by run
+so that a busy shared machine slows them alike) at every batch size and prompt length, next to
+the FLOP bound of the kernels that actually run. Prints tables and writes JSON.
 
     OMP_NUM_THREADS=2 python tools/bench_inference.py --model smollm2-135m \
         --batch-sizes 1 4 --lengths 128 512 --output bench_results/inference.json
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from inference_timing import flops_per_token, timings
+from inference_timing import flops_per_token, interleaved_timings, timings
 
 from lightning_prune.evaluation import format_table, write_json
 
@@ -51,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
     parser.add_argument("--workdir", default="bench_results/inference_models")
+    parser.add_argument("--reuse", action="store_true", help="reuse the exports in --workdir")
     parser.add_argument("--output", default="bench_results/inference.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one variant
     return parser.parse_args()
@@ -88,8 +90,6 @@ def build_exports(args: argparse.Namespace, work: Path) -> dict[str, Path]:
     from lightning_prune.solvers.minimax import MinimaxSolver
 
     file_dtype = getattr(torch, args.file_dtype)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     folders = {
         name: work / slug
         for name, slug in (
@@ -99,6 +99,10 @@ def build_exports(args: argparse.Namespace, work: Path) -> dict[str, Path]:
             ("structured (smaller dense)", "structured"),
         )
     }
+    if args.reuse and all((folder / "config.json").is_file() for folder in folders.values()):
+        return folders
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     print("building exports ...", flush=True)
     _save_as(Path(resolve_model_path(args.model)), folders["dense"], file_dtype)
     export_hf(_nm_module(args.model), work / "hf-fp32")
@@ -130,10 +134,23 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def measure(spec: dict) -> dict:
-    """Load one variant and time it (run in a fresh interpreter, see :func:`run_worker`)."""
+def _load(spec: dict) -> torch.nn.Module:
     from lightning_prune import load_pretrained
 
+    return load_pretrained(
+        spec["folder"],
+        dtype=spec["dtype"],
+        device=spec["device"],
+        semi_structured=spec["semi_structured"],
+        compile=spec["compile"],
+    )
+
+
+def measure_load(spec: dict) -> dict:
+    """Load time and peak memory of one variant, in a fresh interpreter (see run_worker).
+
+    The peak covers loading plus one prefill and decode at the largest batch and length.
+    """
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     device = torch.device(spec["device"])
     before = _rss_mb()
@@ -141,36 +158,21 @@ def measure(spec: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    model = load_pretrained(
-        spec["folder"],
-        dtype=spec["dtype"],
-        device=device,
-        semi_structured=spec["semi_structured"],
-        compile=spec["compile"],
-    )
+    model = _load(spec)
     load_s = time.perf_counter() - start
-    info = model.lightning_prune_info
-    sparse = frozenset(info.get("semi_structured", {}).get("converted", []))
-    rows = []
-    for batch in spec["batch_sizes"]:
-        for length in spec["lengths"]:
-            row = {"batch": batch, "length": length}
-            row.update(timings(model, batch, length, spec["new_tokens"], spec["repeats"]))
-            row["flops_per_token"] = flops_per_token(
-                model, length + spec["new_tokens"] // 2, sparse
-            )
-            rows.append(row)
+    batch, length = max(spec["batch_sizes"]), max(spec["lengths"])
+    timings(model, batch, length, spec["new_tokens"], repeats=1)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak = _rss_mb("VmHWM") - before
+    info = model.lightning_prune_info
     return {
         "load_s": load_s,
         "peak_mb": peak,
         "peak_kind": "CUDA max allocated" if device.type == "cuda" else "CPU RSS above start",
         "params": sum(p.numel() for p in model.parameters()),
         "info": {k: v for k, v in info.items() if k != "path"},
-        "rows": rows,
     }
 
 
@@ -189,7 +191,7 @@ def _bytes(folder: Path) -> int:
 def main() -> None:
     args = parse_args()
     if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+        print(json.dumps(measure_load(json.loads(args.worker))))
         return
     cuda = args.device.startswith("cuda")
     dtype = args.dtype or ("float16" if cuda else "float32")
@@ -198,9 +200,9 @@ def main() -> None:
     if cuda:
         compressed = folders["2:4 compressed-nm (restored)"]
         variants.insert(3, ("2:4 semi-structured (CUDA)", compressed, True))
-    results, dense_bytes = [], _bytes(folders["dense"])
+    results, models, dense_bytes = [], {}, _bytes(folders["dense"])
     for name, folder, semi in variants:
-        print(f"measuring {name} ...", flush=True)
+        print(f"loading {name} in a fresh process ...", flush=True)
         spec = {
             "name": name,
             "folder": str(folder),
@@ -211,12 +213,29 @@ def main() -> None:
             "batch_sizes": args.batch_sizes,
             "lengths": args.lengths,
             "new_tokens": args.new_tokens,
-            "repeats": args.repeats,
         }
-        result = {"variant": name, "file_bytes": _bytes(folder), **run_worker(spec)}
+        result = {"variant": name, "file_bytes": _bytes(folder), **run_worker(spec), "rows": []}
         result["file_ratio"] = result["file_bytes"] / dense_bytes
         result["speedup_expected"] = EXPECTATION[name]
         results.append(result)
+        models[name] = _load(spec)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    for batch in args.batch_sizes:
+        for length in args.lengths:
+            print(f"timing batch {batch}, length {length} (variants take turns) ...", flush=True)
+            rates = interleaved_timings(models, batch, length, args.new_tokens, args.repeats)
+            for result in results:
+                model = models[result["variant"]]
+                sparse = frozenset(result["info"].get("semi_structured", {}).get("converted", []))
+                context = length + args.new_tokens // 2
+                result["rows"].append(
+                    {
+                        "batch": batch,
+                        "length": length,
+                        **rates[result["variant"]],
+                        "flops_per_token": flops_per_token(model, context, sparse),
+                    }
+                )
     _report(args, dtype, results)
 
 

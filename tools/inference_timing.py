@@ -35,32 +35,59 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _prompt(model, batch: int, length: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
+    return prompt.to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def _run_once(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Seconds of one prefill and of ``new_tokens`` greedy decode steps (generate − prefill)."""
+    device = prompt.device
+    start = time.perf_counter()
+    model(input_ids=prompt)
+    _sync(device)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(
+        prompt,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    _sync(device)
+    return prefill, time.perf_counter() - start - prefill
+
+
+def _rates(batch: int, length: int, new_tokens: int, runs: list[tuple[float, float]]) -> dict:
+    return {
+        "prefill_tok_s": batch * length / statistics.median(r[0] for r in runs),
+        "decode_tok_s": batch * new_tokens / max(statistics.median(r[1] for r in runs), 1e-9),
+    }
+
+
 @torch.no_grad()
 def timings(model, batch: int, length: int, new_tokens: int, repeats: int) -> dict[str, float]:
     """Median prefill and decode tokens/s over ``repeats`` runs (after one warm-up)."""
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
-    prefill, decode = [], []
+    prompt = _prompt(model, batch, length)
     model(input_ids=prompt[:, :8])  # warm-up
-    _sync(device)
+    runs = [_run_once(model, prompt, new_tokens) for _ in range(repeats)]
+    return _rates(batch, length, new_tokens, runs)
+
+
+@torch.no_grad()
+def interleaved_timings(
+    models: dict[str, torch.nn.Module], batch: int, length: int, new_tokens: int, repeats: int
+) -> dict[str, dict[str, float]]:
+    """:func:`timings` of several models, taking turns run by run, so that load from other
+    processes on a shared machine hits every model alike. ``{name: rates}``."""
+    prompts = {name: _prompt(model, batch, length) for name, model in models.items()}
+    for name, model in models.items():
+        model(input_ids=prompts[name][:, :8])  # warm-up
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
     for _ in range(repeats):
-        start = time.perf_counter()
-        model(input_ids=prompt)
-        _sync(device)
-        prefill.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        model.generate(
-            prompt,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        _sync(device)
-        decode.append(time.perf_counter() - start - prefill[-1])
-    return {
-        "prefill_tok_s": batch * length / statistics.median(prefill),
-        "decode_tok_s": batch * new_tokens / max(statistics.median(decode), 1e-9),
-    }
+        for name, model in models.items():
+            runs[name].append(_run_once(model, prompts[name], new_tokens))
+    return {name: _rates(batch, length, new_tokens, r) for name, r in runs.items()}

@@ -7,3 +7,7 @@ class LightningPruneError(Exception):
 
 class ConfigError(LightningPruneError, ValueError):
     """A config value is out of range, contradictory or unusable with the model/data."""
+
+
+class MissingPathError(ConfigError, FileNotFoundError):
+    """A file or folder named in the config does not exist."""

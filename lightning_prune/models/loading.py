@@ -45,6 +45,22 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
+def load_config(name: str):
+    """The HF config of model ``name``, read without loading weights; unusable ones are errors."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name)
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        raise ModelLoadError(f"model folder '{path}' has no config.json")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        if local.exists():
+            raise ModelLoadError(f"model folder '{path}': config.json is unusable ({err})") from err
+        raise ModelLoadError(f"{_hint(name)} ({err})") from err
+
+
 def load_causal_lm(
     name: str, dtype: str | torch.dtype = "float32", attn_implementation: str | None = "sdpa"
 ) -> nn.Module:
@@ -55,8 +71,7 @@ def load_causal_lm(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     local = Path(path)
-    if local.exists() and not (local / "config.json").is_file():
-        raise ModelLoadError(f"model folder '{path}' has no config.json")
+    load_config(name)  # clear errors for a missing or unknown config before any weights
     kwargs = {"dtype": dtype, "output_loading_info": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

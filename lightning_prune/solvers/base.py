@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from lightning_prune.errors import ConfigError
+
 if TYPE_CHECKING:
     from lightning_prune.module import PruningModule
 
@@ -32,3 +34,12 @@ class Solver:
     def metrics(self, module: PruningModule) -> dict[str, float]:
         """Extra values to log every step."""
         return {}
+
+
+def check_grad_clip(solver: str, grad_clip: float | None) -> float | None:
+    """``grad_clip`` if it is ``None`` or positive, else a ``ConfigError`` naming the field."""
+    if grad_clip is not None and not grad_clip > 0:
+        raise ConfigError(
+            f"solver {solver}.grad_clip: expected a value > 0 or null (off), got {grad_clip}"
+        )
+    return grad_clip

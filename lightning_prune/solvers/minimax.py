@@ -8,7 +8,7 @@ import torch
 
 from lightning_prune.errors import ConfigError
 from lightning_prune.ops.lagrangian import distill_kl
-from lightning_prune.solvers.base import Solver
+from lightning_prune.solvers.base import Solver, check_grad_clip
 
 if TYPE_CHECKING:
     from lightning_prune.module import PruningModule
@@ -58,7 +58,8 @@ class MinimaxSolver(Solver):
                 f"{distill_weight} and {distill_temperature}"
             )
         self.lr, self.lr_multipliers, self.lr_targets = lr, lr_multipliers, lr_targets
-        self.warmup_ratio, self.grad_clip = warmup_ratio, grad_clip
+        self.warmup_ratio = warmup_ratio
+        self.grad_clip = check_grad_clip("minimax", grad_clip)
         self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
         self.warmup_steps = 0
 

@@ -8,7 +8,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_prune.errors import ConfigError
-from lightning_prune.solvers.base import Solver
+from lightning_prune.solvers.base import Solver, check_grad_clip
 
 if TYPE_CHECKING:
     from lightning_prune.module import PruningModule
@@ -41,7 +41,8 @@ class ProximalSolver(Solver):
         if not 0 <= warmup_ratio < 1:
             raise ConfigError(f"solver proximal.warmup_ratio: expected [0, 1), got {warmup_ratio}")
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
-        self.warmup_ratio, self.grad_clip = warmup_ratio, grad_clip
+        self.warmup_ratio = warmup_ratio
+        self.grad_clip = check_grad_clip("proximal", grad_clip)
 
     def configure_optimizers(self, module: PruningModule) -> Any:
         params = [p for p in module.parameters() if p.requires_grad]

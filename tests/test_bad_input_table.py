@@ -4,7 +4,7 @@ nothing already on disk changes.
 Each case runs the real CLI (in-process) against a workspace that already holds a finished run
 (its checkpoint) and an export; the workspace's files are hashed before and after every case.
 
-Cases (39):
+Cases (40):
   configs   1 unknown key (CLI)            2 unknown key (YAML)           3 wrong type
             4 seq_len 0                    5 num_samples -1               6 batch_size 0
             7 N:M with n = m               8 N:M with n = 0               9 negative lambda
@@ -17,7 +17,7 @@ Cases (39):
            27 JSONL without the field     28 malformed JSONL             29 missing path
            30 corpus too short
   models   31 folder without config.json  32 config without weights      33 wrong architecture
-           34 weights partly missing
+           34 weights partly missing      40 pickled object in a .bin (never unpickled)
   ckpts    35 truncated                   36 from another model          37 not a lightning-prune
                                                                              checkpoint
            38 pickled object inside       39 path does not exist
@@ -77,6 +77,10 @@ def with_file(name: str, content: bytes, *extra: str) -> Callable[[Workspace, Pa
     return build
 
 
+class Payload:
+    """Anything that is not a tensor: ``weights_only`` loading refuses to build it."""
+
+
 def with_model(change: Callable[[Path], None]) -> Callable[[Workspace, Path], list[str]]:
     def build(ws: Workspace, tmp: Path) -> list[str]:
         folder = tmp / "model"
@@ -118,6 +122,12 @@ def drop_some_weights(folder: Path) -> None:
     save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def pickled_bin(folder: Path) -> None:
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save({**state, "payload": Payload()}, folder / "pytorch_model.bin")
+
+
 def truncated(ws: Workspace, tmp: Path) -> Path:
     path = tmp / "cut.ckpt"
     path.write_bytes(ws.ckpt.read_bytes()[:1000])
@@ -141,10 +151,6 @@ def other_model(checkpoint: dict) -> None:
 
 def not_ours(checkpoint: dict) -> None:
     del checkpoint["lightning_prune"]
-
-
-class Payload:
-    """Anything that is not a tensor: ``weights_only`` loading refuses to build it."""
 
 
 def pickled(checkpoint: dict) -> None:
@@ -203,6 +209,7 @@ CASES = [
          ("model",)),
     Case("model-weights-partly-missing", with_model(drop_some_weights),
          ("missing", "layers.1.mlp")),
+    Case("model-pickled-bin", with_model(pickled_bin), ("could not be loaded", "Weights only")),
     Case("ckpt-truncated", export(truncated), ("ckpt_path", "not a readable checkpoint")),
     Case("ckpt-other-model", export(edited(other_model, "other.ckpt")),
          ("ckpt_path", "another model", "model_type")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -72,11 +73,16 @@ def load_causal_lm(
         dtype = getattr(torch, dtype)
     local = Path(path)
     load_config(name)  # clear errors for a missing or unknown config before any weights
-    kwargs = {"dtype": dtype, "output_loading_info": True}
+    kwargs = {"dtype": dtype, "output_loading_info": True, "weights_only": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError as err:
+        raise ModelLoadError(
+            f"model '{name}' could not be loaded: a weights file holds objects other than "
+            "tensors, and weights are never unpickled (Weights only loading refused it)"
+        ) from err
     except (OSError, ValueError) as err:
         if local.exists():
             raise ModelLoadError(f"model folder '{path}' could not be loaded: {err}") from err

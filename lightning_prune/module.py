@@ -20,6 +20,9 @@ from lightning_prune.regularizers.base import Regularizer
 from lightning_prune.sharding import all_reduce_replicated_grads, fsdp_mesh, shard_model
 from lightning_prune.solvers.base import Solver
 
+#: layout of the ``lightning_prune`` checkpoint record and learned state; bump on changes
+CHECKPOINT_FORMAT = 1
+
 
 class PruningModule(LightningModule):
     """Learns a pruning mask for a frozen causal LM.
@@ -198,6 +201,7 @@ class PruningModule(LightningModule):
             "vocab_size": config.vocab_size,
             "mask_family": type(self.mask_family).__name__,
             "version": __version__,
+            "format": CHECKPOINT_FORMAT,
         }
 
     def learned_state_keys(self) -> set[str]:
@@ -240,6 +244,12 @@ def check_checkpoint(checkpoint: dict[str, Any], module: PruningModule) -> None:
     if saved is None:
         raise ConfigError("ckpt_path: not a lightning-prune checkpoint (no 'lightning_prune' key)")
     current = module.fingerprint()
+    if saved.get("format", 1) != CHECKPOINT_FORMAT:
+        raise ConfigError(
+            f"ckpt_path: checkpoint format {saved.get('format')} written by lightning-prune "
+            f"{saved.get('version')}; this lightning-prune {__version__} reads format "
+            f"{CHECKPOINT_FORMAT}: export it with the version that wrote it"
+        )
     keys = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size", "mask_family")
     wrong = {k: (saved.get(k), current[k]) for k in keys if saved.get(k) != current[k]}
     if wrong:

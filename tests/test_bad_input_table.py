@@ -4,7 +4,7 @@ nothing already on disk changes.
 Each case runs the real CLI (in-process) against a workspace that already holds a finished run
 (its checkpoint) and an export; the workspace's files are hashed before and after every case.
 
-Cases (40):
+Cases (41):
   configs   1 unknown key (CLI)            2 unknown key (YAML)           3 wrong type
             4 seq_len 0                    5 num_samples -1               6 batch_size 0
             7 N:M with n = m               8 N:M with n = 0               9 negative lambda
@@ -149,6 +149,10 @@ def other_model(checkpoint: dict) -> None:
     checkpoint["lightning_prune"].update(model_type="gpt2", hidden_size=48, model="tiny-gpt2")
 
 
+def future_version(checkpoint: dict) -> None:
+    checkpoint["lightning_prune"].update(format=2, version="9.0.0")
+
+
 def not_ours(checkpoint: dict) -> None:
     del checkpoint["lightning_prune"]
 
@@ -213,6 +217,8 @@ CASES = [
     Case("ckpt-truncated", export(truncated), ("ckpt_path", "not a readable checkpoint")),
     Case("ckpt-other-model", export(edited(other_model, "other.ckpt")),
          ("ckpt_path", "another model", "model_type")),
+    Case("ckpt-other-version", export(edited(future_version, "future.ckpt")),
+         ("ckpt_path", "checkpoint format 2 written by lightning-prune 9.0.0", "reads format 1")),
     Case("ckpt-not-ours", export(edited(not_ours, "plain.ckpt")),
          ("ckpt_path", "not a lightning-prune checkpoint")),
     Case("ckpt-pickled-object", export(edited(pickled, "pickled.ckpt")),

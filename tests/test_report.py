@@ -140,6 +140,9 @@ def test_mask_views_read_the_checkpoint_and_agree_with_the_export(
     version = load_run(runs["nm"] / "lightning_logs" / "version_0")
     assert version.name == "proxsparse/version_0" and version.metrics == metrics
     assert {"reg/nm_groups_done_l0", "reg/nm_groups_done_l1"} <= set(metrics)
+    levels = np.array([[v for _, v in metrics[f"reg/nm_groups_nnz{k}"]] for k in range(5)])
+    done = np.array([v for _, v in metrics["reg/nm_groups_done"]])
+    assert np.allclose(levels.sum(0), 1.0) and np.allclose(levels[:3].sum(0), done)
     ckpt = runs["nm"] / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     packed = tmp_path / "compressed"
     cli(

@@ -149,13 +149,18 @@ def nm_topn_mask(w: Tensor, n: int, m: int) -> Tensor:
     return (_ranks(a) < n).reshape(w.shape)
 
 
+def nm_group_counts(w: Tensor, m: int) -> Tensor:
+    """Number of groups of ``w`` holding ``k`` nonzeros, for ``k = 0..m`` (int64, on CPU)."""
+    nnz = (_groups(w, m) != 0).sum(-1).flatten()
+    return torch.bincount(nnz.cpu(), minlength=m + 1)
+
+
 def nm_group_fraction(w: Tensor, n: int, m: int) -> float:
     """Share of groups of ``w`` already holding at most ``n`` nonzeros (1.0 if there are none)."""
     _check_nm(n, m)
-    nnz = (_groups(w, m) != 0).sum(-1)
-    if nnz.numel() == 0:
-        return 1.0
-    return (nnz <= n).float().mean().item()
+    counts = nm_group_counts(w, m)
+    total = int(counts.sum())
+    return 1.0 if total == 0 else float(counts[: n + 1].sum()) / total
 
 
 def is_nm(w: Tensor, n: int, m: int) -> bool:

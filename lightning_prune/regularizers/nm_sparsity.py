@@ -9,7 +9,7 @@ import torch
 
 from lightning_prune.errors import ConfigError
 from lightning_prune.masks.base import MaskFamily
-from lightning_prune.ops.nm_prox import nm_group_fraction, nm_prox, nm_regularizer
+from lightning_prune.ops.nm_prox import nm_group_counts, nm_prox, nm_regularizer
 from lightning_prune.regularizers.base import Regularizer
 from lightning_prune.sharding import is_sharded
 
@@ -82,16 +82,23 @@ class NMSparsityRegularizer(Regularizer):
 
     @torch.no_grad()
     def metrics(self, family: MaskFamily) -> dict[str, float]:
-        """Share of groups already N:M, overall and per decoder layer (``_l{index}``)."""
-        done: dict[str, float] = {}
+        """Share of groups already N:M, overall and per decoder layer (``_l{index}``), and the
+        share of all groups holding ``k`` nonzeros (``nm_groups_nnz{k}``)."""
+        done: dict[str, int] = {}
         sizes: dict[str, int] = {}
+        levels = None
         for name, parametrization in family.parametrizations().items():
-            rows = parametrization.rows(parametrization.surrogate.detach())
-            fraction = nm_group_fraction(rows, parametrization.n, parametrization.m)
+            rows = parametrization.local_rows()  # this rank's shard under FSDP2
+            counts = sum_over_shards(nm_group_counts(rows, parametrization.m), family)
+            levels = counts if levels is None else levels + counts
             for key in ("nm_groups_done", _layer_key(name)):
-                done[key] = done.get(key, 0.0) + fraction * rows.numel()
-                sizes[key] = sizes.get(key, 0) + rows.numel()
-        return {key: value / max(sizes[key], 1) for key, value in done.items()}
+                done[key] = done.get(key, 0) + int(counts[: parametrization.n + 1].sum())
+                sizes[key] = sizes.get(key, 0) + int(counts.sum())
+        values = {key: value / max(sizes[key], 1) for key, value in done.items()}
+        if levels is not None:
+            shares = levels.double() / max(int(levels.sum()), 1)
+            values.update({f"nm_groups_nnz{k}": float(v) for k, v in enumerate(shares)})
+        return values
 
 
 def _layer_key(module_name: str) -> str:

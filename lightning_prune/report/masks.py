@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import yaml
 
+from lightning_prune.ops.nm_prox import nm_group_counts
 from lightning_prune.report.runs import ReportError, RunData
 
 
@@ -61,8 +62,7 @@ def split_name(name: str) -> tuple[int, str]:
 
 def group_levels(rows: torch.Tensor, m: int) -> np.ndarray:
     """Share of groups of ``m`` consecutive inputs holding ``k`` nonzeros, ``k = 0..m``."""
-    nonzero = (rows.detach().reshape(rows.shape[0], -1, m) != 0).sum(-1).flatten()
-    counts = torch.bincount(nonzero.cpu(), minlength=m + 1).double()
+    counts = nm_group_counts(rows.detach(), m).double()
     return (counts / counts.sum().clamp_min(1)).numpy()
 
 

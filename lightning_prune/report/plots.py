@@ -107,15 +107,17 @@ def _scale(axes, values: list[float]) -> None:
 
 
 def nm_figure(summary: NMSummary, metrics: Series, run_name: str) -> bytes:
-    """Share of N:M groups per layer and module (end), groups by nonzeros, per layer over steps."""
+    """N:M groups at the end (share already N:M per layer and module; groups by nonzeros per
+    module) and, from the training log, the same two views over steps."""
     layers, modules = summary.layers, summary.modules
     height = max(4.2, 0.26 * len(layers) + 1.6)
-    logged = any(c.startswith("reg/nm_groups_done") for c in metrics)
-    figure = Figure(figsize=(17 if logged else 11.5, height), layout="constrained")
+    logged = any(c.startswith("reg/nm_groups_") for c in metrics)
+    figure = Figure(figsize=(15, height * (1 + logged)), layout="constrained")
     figure.suptitle(f"{run_name}: {summary.n}:{summary.m} groups ({summary.what})", fontsize=12)
-    grid = figure.add_gridspec(1, 3 if logged else 2, width_ratios=[1.1, 1.2, 1.4][: 2 + logged])
+    grid = figure.add_gridspec(1 + logged, 2, width_ratios=[1.0, 1.1])
+    colors = _level_colors(summary.n, summary.m)
 
-    axes = figure.add_subplot(grid[0])
+    axes = figure.add_subplot(grid[0, 0])
     done = summary.done()
     low, high = _color_range(done)
     image = axes.imshow(done, aspect="auto", cmap="viridis", vmin=low, vmax=high)
@@ -129,10 +131,9 @@ def nm_figure(summary: NMSummary, metrics: Series, run_name: str) -> bytes:
                 axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
     figure.colorbar(image, ax=axes, shrink=0.8)
 
-    axes = figure.add_subplot(grid[1])
+    axes = figure.add_subplot(grid[0, 1])
     levels = np.nanmean(summary.levels, axis=0)  # [module, k]
     left = np.zeros(len(modules))
-    colors = _level_colors(summary.n, summary.m)
     for k in range(summary.m + 1):
         axes.barh(modules, levels[:, k], left=left, color=colors[k], label=f"{k} of {summary.m}")
         left += levels[:, k]
@@ -149,8 +150,28 @@ def nm_figure(summary: NMSummary, metrics: Series, run_name: str) -> bytes:
     )
 
     if logged:
-        _nm_progress(figure, figure.add_subplot(grid[2]), metrics)
+        _nm_progress(figure, figure.add_subplot(grid[1, 0]), metrics)
+        _nm_levels_progress(figure.add_subplot(grid[1, 1]), metrics, colors)
     return to_png(figure)
+
+
+def _nm_levels_progress(axes, metrics: Series, colors: list) -> None:
+    """Share of all groups by number of nonzeros over steps (stacked)."""
+    columns = sorted(
+        (int(m.group(1)), c) for c in metrics if (m := re.fullmatch(r"reg/nm_groups_nnz(\d+)", c))
+    )
+    if not columns:
+        axes.set_axis_off()
+        axes.text(0.5, 0.5, "groups by nonzeros were not logged by this run", ha="center")
+        return
+    steps = [step for step, _ in metrics[columns[0][1]]]
+    shares = [[value for _, value in metrics[column]] for _, column in columns]
+    axes.stackplot(steps, shares, colors=[colors[k] for k, _ in columns])
+    axes.set_xlim(steps[0], steps[-1])
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("step")
+    axes.set_ylabel("share of groups (all layers)")
+    axes.set_title("groups by nonzero weights while learning (colours as above)")
 
 
 def _nm_progress(figure: Figure, axes, metrics: Series) -> None:

@@ -256,7 +256,12 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(lm_eval_main(argv[1:]))
     install_short_names()
     try:
-        _run_cli(None if args is None else argv)
+        if argv[:1] == ["recover"]:
+            from lightning_prune.recovery import recover_main
+
+            recover_main(argv[1:])
+        else:
+            _run_cli(None if args is None else argv)
     except Exception as err:
         ours = _our_error(err)
         if ours is None:

@@ -23,7 +23,8 @@ class ExportError(LightningPruneError, RuntimeError):
     """An export failed its own verification (nothing was put in place)."""
 
 
-def _probe_tokens(vocab_size: int, length: int = 32) -> torch.Tensor:
+def probe_tokens(vocab_size: int, length: int = 32) -> torch.Tensor:
+    """Fixed random token ids on which an export's logits are compared with the source's."""
     generator = torch.Generator().manual_seed(1234)
     return torch.randint(0, vocab_size, (2, length), generator=generator)
 
@@ -31,7 +32,7 @@ def _probe_tokens(vocab_size: int, length: int = 32) -> torch.Tensor:
 def masked_reference(module: PruningModule) -> tuple[torch.Tensor, torch.Tensor]:
     """Harden the masks; return fixed probe tokens and the masked model's logits on them."""
     module.mask_family.harden()
-    probe = _probe_tokens(module.model.config.vocab_size)
+    probe = probe_tokens(module.model.config.vocab_size)
     with torch.no_grad():
         expected = module.model(input_ids=probe).logits.float()
     return probe, expected

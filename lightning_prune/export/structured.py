@@ -159,7 +159,7 @@ def export_structured_hf(
     record["verification"] = {"logits_max_abs_error": error, "tolerance": tolerance}
     with atomic_directory(output_dir, overwrite) as tmp:
         write_export_folder(tmp, small, module.model_name, record)
-        report = _verify_in_fresh_process(tmp, probe, expected, tolerance, model.dtype)
+        report = verify_in_fresh_process(tmp, probe, expected, tolerance, model.dtype)
         if report["params"] != pruned_params:
             raise ExportError(
                 f"export verification: reloaded model has {report['params']} parameters, "
@@ -178,7 +178,7 @@ def _check_error(what: str, error: float, tolerance: float) -> None:
         )
 
 
-def _verify_in_fresh_process(
+def verify_in_fresh_process(
     folder: Path,
     probe: torch.Tensor,
     expected: torch.Tensor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lightning_prune.errors import ConfigError
@@ -43,3 +44,15 @@ def check_grad_clip(solver: str, grad_clip: float | None) -> float | None:
             f"solver {solver}.grad_clip: expected a value > 0 or null (off), got {grad_clip}"
         )
     return grad_clip
+
+
+def warmup_linear_decay(total: int, warmup: int) -> Callable[[int], float]:
+    """Learning-rate factor for ``LambdaLR``: linear warm-up over ``warmup`` steps, then a
+    linear decay to zero at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(total - warmup, 1))
+
+    return factor

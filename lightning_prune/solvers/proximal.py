@@ -8,7 +8,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_prune.errors import ConfigError
-from lightning_prune.solvers.base import Solver, check_grad_clip
+from lightning_prune.solvers.base import Solver, check_grad_clip, warmup_linear_decay
 
 if TYPE_CHECKING:
     from lightning_prune.module import PruningModule
@@ -52,14 +52,7 @@ class ProximalSolver(Solver):
             params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
         )
         total = max(int(module.trainer.estimated_stepping_batches), 1)
-        warmup = int(self.warmup_ratio * total)
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total - step) / max(total - warmup, 1))
-
-        scheduler = LambdaLR(optimizer, schedule)
+        scheduler = LambdaLR(optimizer, warmup_linear_decay(total, int(self.warmup_ratio * total)))
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

@@ -106,19 +106,25 @@ def embedded_images(page: str) -> list[np.ndarray]:
     return [mpimg.imread(io.BytesIO(base64.b64decode(data)), format="png") for data in encoded]
 
 
-def test_report_holds_every_section_and_decodable_images(runs, tmp_path) -> None:
+def test_report_holds_every_section_and_decodable_images(runs, small_model, tmp_path) -> None:
     output = tmp_path / "out" / "report.html"
-    assert report(str(runs["nm"]), str(runs["mm"]), "--output", str(output)) == 0
+    export = runs["mm"] / "export"
+    assert report(str(runs["nm"]), str(runs["mm"]), str(export), "--output", str(output)) == 0
     page = output.read_text()
     for anchor in SECTIONS:
         assert f'<section id="{anchor}">' in page, anchor
     images = embedded_images(page)
-    assert len(images) == 3  # masks of each run, training curves
+    assert len(images) == 4  # masks of each run and of the export, training curves
     for picture in images:
         assert picture.shape[0] > 300 and picture.shape[1] > 800
         assert picture[..., :3].std() > 0.05  # not a blank canvas
     pngs = sorted(p.name for p in output.parent.glob("*.png"))
-    assert pngs == ["report_curves.png", "report_masks_minimax.png", "report_masks_proxsparse.png"]
+    assert pngs == [
+        "report_curves.png",
+        "report_masks_export.png",
+        "report_masks_minimax.png",
+        "report_masks_proxsparse.png",
+    ]
     assert mpimg.imread(output.parent / "report_curves.png").shape == images[-1].shape
     record = json.loads((runs["nm"] / "evaluation.json").read_text())
     learned = next(r for r in record["rows"] if r["model"].startswith("learned"))
@@ -126,6 +132,8 @@ def test_report_holds_every_section_and_decodable_images(runs, tmp_path) -> None
     assert record["protocol"][0]["token_sha256"] in page  # the protocol section
     assert "magnitude" in page and "class_path: lightning_prune.masks.nm.NMMaskFamily" in page
     assert "decode tok/s dense → pruned" in page and "export" in page  # speed and size
+    row = f"<td>export</td><td>{export}</td><td>{small_model}</td><td>UniformStructuredFamily</td>"
+    assert row + "<td>MinimaxSolver</td>" in page  # the export's run row, from pruning.json
 
 
 def test_mask_views_read_the_checkpoint_and_agree_with_the_export(

@@ -59,7 +59,10 @@ def main(argv: list[str]) -> int:
 
 
 def write_report(
-    paths: list[str], output: str | Path, allow_mixed: bool = False, title: str = "report"
+    paths: list[str],
+    output: str | Path,
+    allow_mixed: bool = False,
+    title: str = "lightning-prune report",
 ) -> Path:
     """Read the runs, draw the figures, write ``output`` and ``<stem>_*.png`` beside it."""
     runs = [load_run(path) for path in paths]
@@ -80,8 +83,9 @@ def write_report(
     if curves:
         figures["curves"] = curves
         curves_body = document.image(curves, "training curves")
+    run_rows = [_run_row(run) for run in runs]
     sections = [
-        ("runs", "Runs", document.table([_run_row(r) for r in runs], list(_run_row(runs[0])))),
+        ("runs", "Runs", document.table(run_rows, list(run_rows[0]))),
         ("perplexity", "Held-out perplexity", _perplexity(records, problems)),
         ("speed", "Speed and size", _speed_and_size(runs)),
         ("masks", "What the masks keep", "".join(masks_body)),
@@ -111,6 +115,14 @@ def _mask_view(run: RunData) -> tuple[str, bytes | None]:
 def _run_row(run: RunData) -> dict[str, Any]:
     config = yaml.safe_load(run.config_text) if run.config_text else {}
     model = (config or {}).get("model") or {}
+    if run.kind == "export":  # pruning.json names what made the export
+        record = run.exports[run.path.name]
+        model = {
+            "model": record.get("source_model"),
+            "mask_family": record.get("mask_family"),
+            "solver": record.get("method"),
+            "init_mask": record.get("init_mask"),
+        }
     steps = [step for series in run.metrics.values() for step, _ in series]
     return {
         "run": run.name,

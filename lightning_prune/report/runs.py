@@ -82,7 +82,8 @@ def _read_logs(run: RunData, root: Path) -> None:
     checkpoints = run.log_dir / "checkpoints"
     last = checkpoints / "last.ckpt"
     others = sorted(checkpoints.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    run.checkpoint = last if last.is_file() else (others[-1] if others else None)
+    # a file, or a folder for sharded (FSDP2) checkpoints: load_learned_state reads both
+    run.checkpoint = last if last.exists() else (others[-1] if others else None)
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
+from oneshot_rows import one_shot_mask
 
 from lightning_prune.data import CalibrationDataModule
 from lightning_prune.evaluation import format_table, perplexity, write_json
-from lightning_prune.masks.init import build_initializer
 from lightning_prune.masks.nm import NMMaskFamily
 from lightning_prune.masks.structured import UniformStructuredFamily
 from lightning_prune.module import PruningModule
@@ -80,22 +80,9 @@ def main() -> None:
         return row
 
     def one_shot(module: PruningModule, name: str, label: str, section: str) -> dict:
-        family = module.mask_family
-        started = time.perf_counter()
-        initializer = build_initializer(name)
-        batches = data.train_dataloader() if initializer.needs_data else None
-        masks, weights = initializer.compute_with_weights(module.model, family, batches)
-        seconds[label] = time.perf_counter() - started
-        saved = {n: w.detach().clone() for n, w in family.originals().items()}
-        if weights:
-            family.apply_weights(weights)
-        family.use_masks(masks)
-        row = measure(label, section, module.model)
-        with torch.no_grad():  # back to W0 for the next method
-            for n, w in family.originals().items():
-                w.copy_(saved[n])
-        family.updated_weights.clear()
-        return row
+        with one_shot_mask(module, name, data.train_dataloader()) as took:
+            seconds[label] = took
+            return measure(label, section, module.model)
 
     # -- 2:4 --------------------------------------------------------------------------------
     def nm_module(init: str | None = None) -> PruningModule:

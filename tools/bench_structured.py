@@ -2,8 +2,10 @@
 
 Prints (and writes as JSON) held-out perplexity on Wikipedia and Shakespeare for the dense model,
 the magnitude-structured baseline (per layer, keep the heads / channels with the largest weight
-norm, uniform counts) and the learned minimax mask, at the same kept counts and with the same
-calibration tokens for every method; plus the perplexity rise over dense of both.
+norm, uniform counts), Wanda-sp and FLAP-style rows (lightning-prune-baselines), the learned
+minimax mask, and the minimax export after LoRA recovery (`lightning-prune recover`), at the same
+kept counts and with the same calibration tokens for every method; plus each one's perplexity
+rise over dense.
 
     python tools/bench_structured.py --budget 0.25 --samples 64 --seq-len 512 \
         --output bench_results/structured.json
@@ -13,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
+from oneshot_rows import one_shot_mask
 
 from lightning_prune.data import CalibrationDataModule
 from lightning_prune.evaluation import format_table, perplexity, write_json
@@ -42,8 +46,49 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr-multipliers", type=float, default=0.05)
     parser.add_argument("--distill", type=float, default=0.0, help="distillation weight")
     parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument(
+        "--baselines", nargs="*", default=["wanda_sp", "flap"],
+        help="one-shot structured initializers (lightning-prune-baselines) for extra rows",
+    )
+    parser.add_argument(
+        "--recovery-epochs", type=int, default=1,
+        help="epochs of LoRA recovery on the exported minimax model (0: no recovery row)",
+    )
+    parser.add_argument("--recovery-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--output", default="bench_results/structured.json")
     return parser.parse_args()
+
+
+def recovered_row(module, data, sources, args) -> dict:
+    """Export the minimax model, recover it with LoRA (same calibration tokens), measure it."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_prune.export.structured import export_structured_hf
+    from lightning_prune.recovery import RecoveryModule
+
+    with tempfile.TemporaryDirectory() as scratch:
+        exported, recovered = Path(scratch) / "minimax", Path(scratch) / "recovered"
+        export_structured_hf(module, exported)
+        recovery = RecoveryModule(
+            str(exported), str(recovered), method="lora", lr=args.recovery_lr,
+            lora_rank=args.lora_rank, lora_alpha=2.0 * args.lora_rank,
+        )
+        trainer = Trainer(
+            max_epochs=args.recovery_epochs, accelerator="cpu", devices=1, logger=False,
+            enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+            enable_model_summary=False,
+        )
+        trainer.fit(recovery, datamodule=data)
+        recovery.write_export(trainer.global_step)
+        model = AutoModelForCausalLM.from_pretrained(recovered).eval()
+        label = f"minimax + LoRA recovery (r={args.lora_rank})"
+        row = {"model": label, **module.mask_family.exported_shape()}
+        with torch.no_grad():
+            for name, windows in sources.items():
+                row[name] = perplexity(model, windows, desc=f"{label}/{name}")
+    print(format_table([row], ["model", *sources]).splitlines()[-1], flush=True)
+    return row
 
 
 def main() -> None:
@@ -95,8 +140,13 @@ def main() -> None:
     shape = family.exported_shape()  # learned split: the baseline gets the same counts
     family.use_masks(family.magnitude_masks())
     rows.append(measure("magnitude-structured"))
+    for name in args.baselines:  # same learned head/channel counts as minimax
+        with one_shot_mask(module, name, data.train_dataloader()):
+            rows.append(measure(name))
     family.harden()
     rows.append(measure(f"minimax ({args.gate})"))
+    if args.recovery_epochs > 0:
+        rows.append(recovered_row(module, data, sources, args))
     for row in rows[1:]:
         for name in sources:
             row[f"{name}_rise"] = row[name] / rows[0][name] - 1

@@ -202,7 +202,7 @@ def test_report_bad_input_names_the_folder(tmp_path, capsys) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     assert report(str(empty), "--output", str(output)) == 2
-    assert "found no lightning_logs/*/metrics.csv" in capsys.readouterr().err
+    assert "found no fit log folder (metrics.csv, config.yaml" in capsys.readouterr().err
     assert not output.exists()
 
 
@@ -226,3 +226,24 @@ def test_tensorboard_logger_from_yaml(small_model, tmp_path) -> None:
     )
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     assert not list((tmp_path / "run").rglob("metrics.csv"))  # the configured logger only
+
+
+def test_report_on_a_one_shot_run_without_training_log(small_model, tmp_path) -> None:
+    config = ROOT / "configs" / "wanda_2of4.yaml"  # zero steps: no metrics.csv is written
+    cli(
+        "fit",
+        config,
+        small_model,
+        "--data.num_samples=4",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+    )
+    assert not list(tmp_path.rglob("metrics.csv"))
+    output = tmp_path / "report.html"
+    assert report(str(tmp_path), "--output", str(output)) == 0
+    page = output.read_text()
+    assert "no metrics.csv in the folders" in page and "OneShotSolver" in page
+    [masks] = embedded_images(page)
+    assert masks.shape[1] > 800
+    summary = summarize(load_run(tmp_path))
+    assert np.allclose(summary.done(), 1.0)  # a one-shot 2:4 mask is N:M from the start

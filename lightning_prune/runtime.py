@@ -103,7 +103,7 @@ def compile_model(model: nn.Module, backend: str = "inductor", mode: str | None 
     try:
         compiled = torch.compile(eager, backend=backend, mode=mode, dynamic=True)
         device = next(model.parameters()).device
-        probe = torch.zeros(1, 4, dtype=torch.long, device=device)
+        probe = torch.zeros(2, 8, dtype=torch.long, device=device)  # sizes 0/1 specialise
         with torch.no_grad():
             compiled(input_ids=probe)
     except Exception as err:  # any compiler failure means: run eager

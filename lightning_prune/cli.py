@@ -171,6 +171,11 @@ class PruneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model", "data.tokenizer")
 
+    def before_fit(self) -> None:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path:  # a checkpoint this strategy cannot reshard: refused before launching
+            self.model.check_resume(ckpt_path, self.trainer)
+
     def before_export(self) -> None:
         config = self.config[self.subcommand]
         self.trainer.run_config = _to_plain(config.as_dict())

@@ -15,6 +15,11 @@ from lightning_prune.errors import ConfigError
 from lightning_prune.masks.base import MaskFamily
 from lightning_prune.masks.init import build_initializer, initializer_name
 from lightning_prune.models import load_causal_lm
+from lightning_prune.models.sharded_loading import (
+    build_on_meta,
+    materialize_shards,
+    safetensors_files,
+)
 from lightning_prune.registry import get_registry
 from lightning_prune.regularizers.base import Regularizer
 from lightning_prune.sharding import all_reduce_replicated_grads, fsdp_mesh, shard_model
@@ -71,8 +76,18 @@ class PruningModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = load_causal_lm(self.model_name, self.dtype_name, self.attn_implementation)
         mesh = fsdp_mesh(self._device_mesh)
+        # FSDP2: build on the meta device, load each rank's shards only (a one-shot warm start
+        # calibrates on the whole model, so it loads the whole model on every rank first)
+        sharded_load = (
+            mesh is not None
+            and self.init_mask is None
+            and safetensors_files(self.model_name) is not None
+        )
+        if sharded_load:
+            model = build_on_meta(self.model_name, self.dtype_name, self.attn_implementation)
+        else:
+            model = load_causal_lm(self.model_name, self.dtype_name, self.attn_implementation)
         model.requires_grad_(False)
         adapter = adapter_for(model)
         self.mask_family.attach(model, adapter)
@@ -83,6 +98,15 @@ class PruningModule(LightningModule):
             self.apply_initializer(self.init_mask)  # same data on every rank: same masks
         if mesh is not None:
             shard_model(model, adapter, self.mask_family, mesh)
+        if sharded_load:
+            materialize_shards(model, self.model_name, self.device_for_shards())
+            self.mask_family.reset_state()
+
+    def device_for_shards(self) -> torch.device:
+        """Where this rank's shards live: the strategy's device (CPU without a trainer)."""
+        if self._trainer is None:
+            return torch.device("cpu")
+        return self.trainer.strategy.root_device
 
     def apply_initializer(self, name: str | dict[str, Any]) -> None:
         """Warm-start the mask family from a one-shot initializer plugin (name or spec).
@@ -103,14 +127,18 @@ class PruningModule(LightningModule):
             self.mask_family.apply_weights(weights)
         self.mask_family.apply_initial_masks(masks)
 
-    def setup(self, stage: str) -> None:
-        ckpt_path = self.trainer.ckpt_path
-        if stage == "fit" and ckpt_path and Path(ckpt_path).exists():  # before any loading
-            from lightning_prune.checkpoints import check_resume_layout, read_checkpoint_header
+    def check_resume(self, ckpt_path: str | Path, trainer: Any) -> None:
+        """Refuse, before any process starts, a checkpoint made for another model or mask, or
+        one that ``trainer``'s strategy cannot reshard (see ``check_resume_layout``)."""
+        if not Path(ckpt_path).exists():
+            return  # "last", "hpc" and missing files: Lightning reports them
+        from lightning_prune.checkpoints import check_resume_layout, read_checkpoint_header
 
-            check_checkpoint(read_checkpoint_header(ckpt_path), self)
-            fsdp2 = isinstance(self.trainer.strategy, ModelParallelStrategy)
-            check_resume_layout(ckpt_path, fsdp2, self.trainer.world_size)
+        check_checkpoint(read_checkpoint_header(ckpt_path), self)
+        fsdp2 = isinstance(trainer.strategy, ModelParallelStrategy)
+        check_resume_layout(ckpt_path, fsdp2, trainer.num_devices * trainer.num_nodes)
+
+    def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         seq_len = getattr(datamodule, "seq_len", None)
         if seq_len is None:

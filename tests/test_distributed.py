@@ -20,7 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_prune.checkpoints import consolidate_checkpoint, load_learned_state
+from lightning_prune.checkpoints import (
+    check_resume_layout,
+    consolidate_checkpoint,
+    load_learned_state,
+)
+from lightning_prune.errors import ConfigError
 from lightning_prune.module import PruningModule
 from lightning_prune.ops.nm_prox import nm_topn_mask
 
@@ -266,3 +271,47 @@ def test_export_from_sharded_equals_export_from_full(runs, tmp_path) -> None:
 
 def _without_config(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "config"}
+
+
+def test_resume_refuses_checkpoints_it_cannot_reshard(runs, tmp_path) -> None:
+    solver, model, roots = runs["solver"], runs["model"], runs["roots"]
+    sharded = run_dir(roots["fsdp2"]) / "checkpoints" / "last.ckpt"
+    single = run_dir(roots["single"]) / "checkpoints" / "last.ckpt"
+    check_resume_layout(sharded, fsdp2=True, world_size=1)  # DCP reshards 2 -> 1
+    check_resume_layout(single, fsdp2=False, world_size=2)  # DDP replicates
+    with pytest.raises(ConfigError, match="saved by an unsharded strategy .* on 1 rank"):
+        check_resume_layout(single, fsdp2=True, world_size=2)
+    full = consolidate_checkpoint(load_module_shell(solver, model), sharded, tmp_path / "c.ckpt")
+    with pytest.raises(ConfigError, match="holds no optimizer state"):
+        check_resume_layout(full, fsdp2=True, world_size=2)
+    # through the CLI: refused in setup, before the LM is loaded
+    args = fit_args(solver, model, tmp_path, *STRATEGIES["single"], f"--ckpt_path={sharded}")
+    script = Path(sys.executable).with_name("lightning-prune")
+    result = subprocess.run(
+        [str(script), *args], capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert "saved by FSDP2 on 2 rank(s); resume it with ModelParallelStrategy" in error
+
+
+def test_gpt2_conv1d_groups_stay_whole_under_fsdp2(tiny_models, tmp_path) -> None:
+    """GPT-2 stores ``[in, out]``: its N:M groups run along dim 0, the dim FSDP2 shards by
+    default. Its W0 and surrogate are sharded along the output features instead, so the prox
+    sees whole groups: the 2-rank surrogates equal the 1-rank ones, and they moved."""
+    model = tiny_models["gpt2"]
+    surrogates = {}
+    for strategy in ("single", "fsdp2"):
+        root = tmp_path / strategy
+        launch(fit_args("proximal", model, root, *STRATEGIES[strategy]), cwd=tmp_path)
+        module = load_module("proximal", model, run_dir(root) / "checkpoints" / "last.ckpt")
+        family = module.mask_family
+        assert all(p.transposed for p in family.parametrizations().values())
+        surrogates[strategy] = {
+            n: p.surrogate.detach() for n, p in family.parametrizations().items()
+        }
+    originals = family.originals()
+    for name, reference in surrogates["single"].items():
+        close = (surrogates["fsdp2"][name] - reference).abs() <= 1e-5
+        assert close.float().mean() >= MASK_AGREEMENT["proximal"], name  # AdamW sign flips
+        assert (reference - originals[name]).abs().max() > 1e-3, name

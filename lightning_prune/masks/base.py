@@ -111,6 +111,14 @@ class MaskFamily(ABC):
         """Target modules by qualified name (each holds its parametrization)."""
         return self._targets
 
+    def reset_state(self) -> None:
+        """Initialise the mask state from the loaded W0 once a model built on the meta device
+        has storage (sharded loading); the state attached on meta holds no values."""
+        raise ConfigError(
+            f"mask family {type(self).__name__} cannot be attached to a model built on the meta "
+            "device (sharded loading)"
+        )
+
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Mask parameters kept whole on every rank under FSDP2 (small state that is read
         outside its layer's forward, e.g. gate logits and Lagrange multipliers)."""

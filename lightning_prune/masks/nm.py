@@ -25,7 +25,18 @@ class NMSurrogate(MaskParametrization):
         super().__init__()
         self.n, self.m, self.transposed = n, m, transposed
         self.surrogate = nn.Parameter(weight.detach().clone(), requires_grad=True)
-        self.w0_rms = weight.detach().float().pow(2).mean().sqrt().item()
+        self.w0_rms = 0.0 if weight.is_meta else weight.detach().float().pow(2).mean().sqrt().item()
+
+    @torch.no_grad()
+    def reset_from(self, original: torch.Tensor) -> None:
+        """Surrogate := W0 (this rank's shard) and the RMS of the whole W0 (over all ranks)."""
+        local(self.surrogate.data).copy_(local(original.data))
+        squares = local(original.data).double().pow(2).sum()
+        if is_sharded(original):
+            import torch.distributed as dist
+
+            dist.all_reduce(squares)
+        self.w0_rms = float((squares / original.numel()).sqrt())
 
     def rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """View ``tensor`` as ``[out, in]`` so groups run along the last dim."""
@@ -113,6 +124,11 @@ class NMMaskFamily(MaskFamily):
 
     def describe(self) -> dict[str, Any]:
         return {"pattern": f"{self.n}:{self.m}", "n": self.n, "m": self.m, "group_dim": "input"}
+
+    def reset_state(self) -> None:
+        originals = self.originals()
+        for name, parametrization in self.parametrizations().items():
+            parametrization.reset_from(originals[name])
 
     def apply_initial_masks(self, masks: dict[str, torch.Tensor]) -> None:
         """Warm start: zero the surrogate outside the given masks (storage orientation).

@@ -240,7 +240,7 @@ class UniformStructuredFamily(MaskFamily, nn.Module):
                 self._gates[kind].append(gate)
                 self._names[kind].append(name)
         if self.budget is not None:
-            self._init_budget(total, device)
+            self._init_budget(total, torch.device("cpu") if device.type == "meta" else device)
         self._sync_counts()
 
     def _head_kind(self, layer, adapter, spec, config) -> _Kind:
@@ -326,9 +326,26 @@ class UniformStructuredFamily(MaskFamily, nn.Module):
                 f"mask_family.budget: removing {self.budget:.0%} of the decoder parameters "
                 f"would leave zero heads or channels; at most {most:.1%} can be removed here"
             )
+        self.learned_targets = nn.Parameter(self._budget_start().to(device))
+
+    def _budget_start(self) -> torch.Tensor:
+        """Initial learned targets: the same kept share for every kind, on the budget."""
+        costs, lower, upper = self._budget_box()
+        remaining = self._remaining()
         start = torch.full((len(self._kinds),), remaining / float(costs.sum()))
-        start = project_to_budget(start, costs, remaining, lower, upper).float()
-        self.learned_targets = nn.Parameter(start.to(device))
+        return project_to_budget(start, costs, remaining, lower, upper).float()
+
+    @torch.no_grad()
+    def reset_state(self) -> None:
+        for gates in self._gates.values():
+            for gate in gates:
+                gate.logits.fill_(self.init_logit)
+                gate.y1.zero_()
+                gate.y2.zero_()
+        if self.learned_targets is not None:
+            device = self._gates[self.kinds()[0]][0].logits.device
+            self.learned_targets = nn.Parameter(self._budget_start().to(device))
+        self._sync_counts()
 
     def _budget_box(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         costs = torch.tensor(

@@ -317,6 +317,45 @@ def test_export_of_a_dense_weight_names_it_and_leaves_nothing(tiny_models, tmp_p
     assert list(tmp_path.iterdir()) == []  # no output folder, no partial sibling
 
 
+KILLED_EXPORT = """
+import os, signal, sys
+import lightning_prune.export.compressed as compressed
+from lightning_prune.masks.nm import NMMaskFamily
+from lightning_prune.module import PruningModule
+from lightning_prune.solvers.proximal import ProximalSolver
+
+real = compressed.write_compressed
+
+
+def write_then_die(*args, **kwargs):  # the process dies right after the weights are written
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+compressed.write_compressed = write_then_die
+module = PruningModule(NMMaskFamily(), ProximalSolver(), model=sys.argv[1])
+module.configure_model()
+module.apply_initializer("magnitude")
+compressed.export_compressed_nm(module, sys.argv[2])
+"""
+
+
+def test_killed_export_leaves_no_complete_looking_folder(tiny_models, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "c"
+    args = [sys.executable, "-c", KILLED_EXPORT, tiny_models["llama"], str(out)]
+    assert subprocess.run(args, capture_output=True).returncode == -9
+    assert not out.exists()
+    leftovers = list(tmp_path.iterdir())
+    assert leftovers and all(p.name.startswith(".c.partial-") for p in leftovers)
+    assert (leftovers[0] / WEIGHTS_NAME).is_file()  # killed after the weights ...
+    assert not (leftovers[0] / "config.json").exists()  # ... so no loader takes it for a model
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_pretrained(leftovers[0])
+
+
 def test_failed_overwrite_keeps_the_previous_export(exported, tiny_models) -> None:
     from transformers import AutoModelForCausalLM
 

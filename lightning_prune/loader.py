@@ -90,6 +90,11 @@ def _load_compressed(folder: Path, dtype: torch.dtype | None) -> tuple[nn.Module
 
     state, meta = read_compressed(folder / WEIGHTS_NAME)
     config = AutoConfig.from_pretrained(folder)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ModelLoadError(
+            f"'{folder}': config model_type '{config.model_type}' has no causal LM class in "
+            "this transformers version"
+        )
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     check_against_config(state, meta["tied"], config, model_class)
     stored = next(t.dtype for t in state.values() if t.is_floating_point())

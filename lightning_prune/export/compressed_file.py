@@ -183,14 +183,19 @@ def read_compressed(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         packed = tensors.pop(name + POSITIONS_SUFFIX, None)
         if values is None or packed is None:
             raise CompressedFormatError(f"'{path}': tensor '{name}' lacks its values or positions")
-        shape = tuple(layout["shape"])
+        try:
+            shape, transposed = tuple(layout["shape"]), bool(layout["transposed"])
+        except (KeyError, TypeError) as err:
+            raise CompressedFormatError(
+                f"'{path}': tensor '{name}': header entry {layout!r} lacks shape/transposed"
+            ) from err
         if len(shape) != 2:
             raise CompressedFormatError(f"'{path}': tensor '{name}' has shape {shape}, not 2-D")
-        rows_shape = shape[::-1] if layout["transposed"] else shape
+        rows_shape = shape[::-1] if transposed else shape
         try:
             rows = decode_nm(values, packed, n, m, rows_shape)
         except NMPatternError as err:
             raise CompressedFormatError(f"'{path}': tensor '{name}': {err}") from err
-        state[name] = rows.t().contiguous() if layout["transposed"] else rows
+        state[name] = rows.t().contiguous() if transposed else rows
     state.update(tensors)
     return state, meta

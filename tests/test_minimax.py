@@ -265,7 +265,7 @@ def test_minimax_drives_every_layer_to_the_shared_target(tiny_models, gate) -> N
     family = UniformStructuredFamily(keep_heads=0.5, keep_channels=0.5, gate=gate)
     solver = MinimaxSolver(lr=0.3, lr_multipliers=0.05, warmup_ratio=0.3)
     module = PruningModule(family, solver, [UniformLagrangian()], model=path)
-    data = CalibrationDataModule(tokenizer=path, seq_len=32, num_samples=60, eval_tokens=256)
+    data = CalibrationDataModule(tokenizer=path, seq_len=32, num_samples=100, eval_tokens=256)
     trainer = Trainer(
         max_epochs=1,
         accelerator="cpu",

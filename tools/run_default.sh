@@ -15,3 +15,4 @@ CKPT="$(ls -t "$RUN"/lightning_logs/version_*/checkpoints/last.ckpt | head -1)"
 "$CLI" export --config "$CONFIG" --ckpt_path "$CKPT" --output_dir "$RUN/export-hf" --overwrite true
 "$CLI" evaluate --config "$CONFIG" --ckpt_path "$CKPT" --sources '[wikipedia, shakespeare]' \
   --baselines '[magnitude]' --exported "[$RUN/export-hf]" --output "$RUN/evaluation.json"
+"$CLI" report "$RUN" --output "$RUN/report.html"

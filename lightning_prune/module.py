@@ -121,7 +121,8 @@ class PruningModule(LightningModule):
             datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
             if datamodule is None:
                 raise ConfigError(f"init_mask '{label}' needs calibration data (a datamodule)")
-            batches = datamodule.train_dataloader()
+            whole = getattr(datamodule, "calibration_dataloader", datamodule.train_dataloader)
+            batches = whole()  # all of it, on every rank: the same masks everywhere
         masks, weights = initializer.compute_with_weights(self.model, self.mask_family, batches)
         if weights:
             self.mask_family.apply_weights(weights)

@@ -118,3 +118,24 @@ def test_meta_init_reads_shards_and_matches_a_whole_load(
         assert got["model.model.embed_tokens.weight"].__class__.__name__ == "DTensor"
     finally:
         dist.destroy_process_group()
+
+
+def test_ranks_batches_of_a_step_are_the_one_rank_batch() -> None:
+    from torch.utils.data import DataLoader
+
+    from lightning_prune.data.sampling import EpochShuffleSampler
+
+    data = list(range(13))  # not a multiple of the world size: padded like DistributedSampler
+
+    def batches(world: int, rank: int, size: int, epoch: int) -> list[list[int]]:
+        sampler = EpochShuffleSampler(data, seed=3, num_replicas=world, rank=rank)
+        sampler.set_epoch(epoch)
+        return [b.tolist() for b in DataLoader(data, batch_size=size, sampler=sampler)]
+
+    for epoch in (0, 1):
+        one = batches(1, 0, 4, epoch)
+        two = [batches(2, rank, 2, epoch) for rank in (0, 1)]
+        for step, (a, b) in enumerate(zip(*two)):
+            assert sorted(a + b) == sorted(one[step]) or step == len(one) - 1
+        assert sorted(sum(one, [])) == data
+    assert batches(1, 0, 4, 0) != batches(1, 0, 4, 1)  # a new permutation every epoch

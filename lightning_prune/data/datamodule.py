@@ -114,12 +114,19 @@ class CalibrationDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = TokenWindows(self.calibration_windows())
+        trainer = self.trainer  # data parallel: this rank's share of every global batch
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(dataset, self.seed),
+            sampler=EpochShuffleSampler(dataset, self.seed, world, rank),
             resume=self._resume,
         )
+
+    def calibration_dataloader(self) -> DataLoader:
+        """Every calibration window in order, on every rank (one-shot calibration gives the
+        same masks on all ranks)."""
+        return DataLoader(TokenWindows(self.calibration_windows()), batch_size=self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TokenWindows(self.heldout_windows()), batch_size=self.batch_size)

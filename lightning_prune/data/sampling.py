@@ -6,26 +6,27 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
-class EpochShuffleSampler(RandomSampler):
+class EpochShuffleSampler(DistributedSampler):
     """A random permutation that depends only on ``seed`` and the epoch set by Lightning.
 
-    A ``RandomSampler`` (so Lightning swaps in its ``DistributedSampler`` under DDP), but unlike
-    one driven by a stateful generator, epoch ``e`` is the same permutation in a resumed run.
+    Unlike a sampler driven by a stateful generator, epoch ``e`` is the same permutation in a
+    resumed run. Under data parallelism (``num_replicas`` ranks), rank ``r`` takes every
+    ``num_replicas``-th index of that same permutation, so the ranks' batches of step ``k``
+    together are exactly the one-rank batch of step ``k`` at ``num_replicas`` times the batch
+    size, whatever the seed. A ``DistributedSampler``, so Lightning keeps it as it is.
     """
 
-    def __init__(self, data_source: Dataset, seed: int = 0):
-        super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, data_source: Dataset, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, seed=seed)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        order += order[: self.total_size - len(order)]  # equal share per rank, as Lightning's
+        yield from order[self.rank : self.total_size : self.num_replicas]
 
 
 class SkipOnce:

@@ -70,9 +70,9 @@ def _rates(batch: int, length: int, new_tokens: int, runs: list[tuple[float, flo
 
 @torch.no_grad()
 def timings(model, batch: int, length: int, new_tokens: int, repeats: int) -> dict[str, float]:
-    """Median prefill and decode tokens/s over ``repeats`` runs (after one warm-up)."""
+    """Median prefill and decode tokens/s over ``repeats`` runs (after one warm-up run)."""
     prompt = _prompt(model, batch, length)
-    model(input_ids=prompt[:, :8])  # warm-up
+    _run_once(model, prompt, new_tokens)  # warm-up (and compilation, for compiled models)
     runs = [_run_once(model, prompt, new_tokens) for _ in range(repeats)]
     return _rates(batch, length, new_tokens, runs)
 
@@ -85,7 +85,7 @@ def interleaved_timings(
     processes on a shared machine hits every model alike. ``{name: rates}``."""
     prompts = {name: _prompt(model, batch, length) for name, model in models.items()}
     for name, model in models.items():
-        model(input_ids=prompts[name][:, :8])  # warm-up
+        _run_once(model, prompts[name], new_tokens)  # warm-up (and compilation)
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():

@@ -212,7 +212,7 @@ class PruningModule(LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch["input_ids"], batch["labels"]).loss
-        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # mean over ranks
         return loss
 
     def on_validation_end(self) -> None:

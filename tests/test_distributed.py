@@ -139,10 +139,10 @@ def run_dir(root: Path) -> Path:
     return next((root / "lightning_logs").glob("version_*"))
 
 
-def losses(root: Path) -> list[float]:
+def losses(root: Path, column: str = "train/loss") -> list[float]:
     with open(run_dir(root) / "metrics.csv") as handle:
-        rows = [r for r in csv.DictReader(handle) if r.get("train/loss")]
-    return [float(r["train/loss"]) for r in sorted(rows, key=lambda r: int(r["step"]))]
+        rows = [r for r in csv.DictReader(handle) if r.get(column)]
+    return [float(r[column]) for r in sorted(rows, key=lambda r: int(r["step"]))]
 
 
 def load_module(solver: str, model: str, ckpt: Path) -> PruningModule:
@@ -213,6 +213,8 @@ def test_ddp_and_fsdp2_match_one_rank(runs) -> None:
     for strategy in ("ddp", "fsdp2"):
         got = losses(roots[strategy])
         assert got == pytest.approx(reference, rel=LOSS_RTOL[solver]), strategy
+        val = losses(roots[strategy], "val/loss")  # hard masks, held-out windows over ranks
+        assert val == pytest.approx(losses(roots["single"], "val/loss"), rel=LOSS_RTOL[solver])
         differ = disagreement(masks[strategy], masks["single"])
         assert differ <= 1 - MASK_AGREEMENT[solver], (strategy, differ)
         if moved is not None:

@@ -104,24 +104,24 @@ def shard_model(
 
 def check_whole_groups(family: MaskFamily) -> None:
     """Raise ``ConfigError`` if any rank's shard of an N:M surrogate cuts a group."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     for name, parametrization in family.parametrizations().items():
         surrogate = getattr(parametrization, "surrogate", None)
         if surrogate is None or not is_sharded(surrogate):
             continue
         group_dim = 0 if parametrization.transposed else 1
-        m = parametrization.m
-        shape, offset = compute_local_shape_and_global_offset(
-            surrogate.shape, surrogate.device_mesh, surrogate.placements
-        )
-        if offset[group_dim] % m or shape[group_dim] % m:
-            raise ConfigError(
-                f"layer '{name}': its {tuple(surrogate.shape)} weight is sharded so that an "
-                f"N:M group of {m} straddles two ranks (local shard {tuple(shape)} at offset "
-                f"{tuple(offset)}); use a world size that divides the input features in "
-                f"multiples of {m}, or exclude the layer with mask_family.exclude"
-            )
+        size, m = surrogate.shape[group_dim], parametrization.m
+        for mesh_dim, placement in enumerate(surrogate.placements):
+            if not (placement.is_shard() and placement.dim == group_dim):
+                continue
+            world = surrogate.device_mesh.size(mesh_dim)
+            rank = straddling_rank(size, world, m)
+            if rank is not None:
+                raise ConfigError(
+                    f"layer '{name}': sharding its {size} input features over {world} ranks "
+                    f"cuts an N:M group of {m} on rank {rank} (shards "
+                    f"{shard_bounds(size, world)}); use a world size that splits them in "
+                    f"multiples of {m}, or exclude the layer with mask_family.exclude"
+                )
 
 
 def all_reduce_replicated_grads(module: nn.Module) -> None:

@@ -25,6 +25,7 @@ from oneshot_rows import one_shot_mask
 
 from lightning_prune.data import CalibrationDataModule
 from lightning_prune.evaluation import format_table, perplexity, write_json
+from lightning_prune.masks.init import build_initializer
 from lightning_prune.masks.structured import UniformStructuredFamily
 from lightning_prune.module import PruningModule
 from lightning_prune.regularizers.uniform_lagrangian import UniformLagrangian
@@ -56,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--recovery-lr", type=float, default=1e-3)
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument(
+        "--init-mask", default=None, help="warm start minimax from a one-shot method (wanda_sp)"
+    )
     parser.add_argument("--output", default="bench_results/structured.json")
     return parser.parse_args()
 
@@ -124,6 +128,12 @@ def main() -> None:
     rows = []
     family.set_mode("off")
     rows.append({**measure("dense"), **family.describe()["dense_shape"]})
+    family.set_mode("learn")
+    if args.init_mask:  # warm start the gates from a one-shot method, as `init_mask:` does
+        initializer = build_initializer(args.init_mask)
+        masks = initializer.compute(module.model, family, data.train_dataloader())
+        with torch.no_grad():
+            family.apply_initial_masks(masks)
     started = time.perf_counter()
     trainer = Trainer(
         max_epochs=1,
@@ -144,7 +154,8 @@ def main() -> None:
         with one_shot_mask(module, name, data.train_dataloader()):
             rows.append(measure(name))
     family.harden()
-    rows.append(measure(f"minimax ({args.gate})"))
+    start = f", from {args.init_mask}" if args.init_mask else ""
+    rows.append(measure(f"minimax ({args.gate}{start})"))
     if args.recovery_epochs > 0:
         rows.append(recovered_row(module, data, sources, args))
     for row in rows[1:]:

@@ -176,6 +176,11 @@ class PruneCLI(LightningCLI):
         if ckpt_path:  # a checkpoint this strategy cannot reshard: refused before launching
             self.model.check_resume(ckpt_path, self.trainer)
 
+    def before_validate(self) -> None:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path:
+            self.model.check_resume(ckpt_path, self.trainer, resume=False)
+
     def before_export(self) -> None:
         config = self.config[self.subcommand]
         self.trainer.run_config = _to_plain(config.as_dict())

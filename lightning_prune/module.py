@@ -128,16 +128,28 @@ class PruningModule(LightningModule):
             self.mask_family.apply_weights(weights)
         self.mask_family.apply_initial_masks(masks)
 
-    def check_resume(self, ckpt_path: str | Path, trainer: Any) -> None:
+    def check_resume(self, ckpt_path: str | Path, trainer: Any, resume: bool = True) -> None:
         """Refuse, before any process starts, a checkpoint made for another model or mask, or
-        one that ``trainer``'s strategy cannot reshard (see ``check_resume_layout``)."""
+        one that ``trainer``'s strategy cannot reshard (see ``check_resume_layout``). With
+        ``resume=False`` (validate) only the model state is read: any full file loads, a
+        sharded folder needs FSDP2."""
         if not Path(ckpt_path).exists():
             return  # "last", "hpc" and missing files: Lightning reports them
-        from lightning_prune.checkpoints import check_resume_layout, read_checkpoint_header
+        from lightning_prune.checkpoints import (
+            check_resume_layout,
+            is_sharded_checkpoint,
+            read_checkpoint_header,
+        )
 
         check_checkpoint(read_checkpoint_header(ckpt_path), self)
         fsdp2 = isinstance(trainer.strategy, ModelParallelStrategy)
-        check_resume_layout(ckpt_path, fsdp2, trainer.num_devices * trainer.num_nodes)
+        if resume:
+            check_resume_layout(ckpt_path, fsdp2, trainer.num_devices * trainer.num_nodes)
+        elif is_sharded_checkpoint(ckpt_path) and not fsdp2:
+            raise ConfigError(
+                f"ckpt_path: '{ckpt_path}' is a sharded checkpoint; validate it with "
+                "ModelParallelStrategy (configs/fsdp2.yaml, devices: 1 works) or export it"
+            )
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -298,6 +298,30 @@ def test_resume_refuses_checkpoints_it_cannot_reshard(runs, tmp_path) -> None:
     assert "saved by FSDP2 on 2 rank(s); resume it with ModelParallelStrategy" in error
 
 
+def test_validate_reads_a_sharded_checkpoint_on_one_fsdp2_rank(runs, tmp_path) -> None:
+    """The 2-rank sharded checkpoint validates on 1 rank (resharded) to the fit's own final
+    validation loss; an unsharded strategy refuses it before loading anything."""
+    solver, model, roots = runs["solver"], runs["model"], runs["roots"]
+    sharded = run_dir(roots["fsdp2"]) / "checkpoints" / "last.ckpt"
+    common = [*RECIPES[solver], f"--model.model={model}", "--data.seq_len=32"]
+    common += ["--data.eval_tokens=64", "--data.seed=3", f"--ckpt_path={sharded}"]
+    common += [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    result = launch(["validate", *common, *ONE_RANK_FSDP2], cwd=tmp_path)
+    line = next(x for x in result.stdout.splitlines() if "val/loss" in x)
+    value = float(line.replace("│", " ").split()[-1])
+    assert value == pytest.approx(losses(roots["fsdp2"], "val/loss")[-1], rel=1e-5)
+    script = Path(sys.executable).with_name("lightning-prune")
+    refused = subprocess.run(
+        [str(script), "validate", *common, "--trainer.devices=1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert refused.returncode == 2
+    assert "is a sharded checkpoint; validate it with ModelParallelStrategy" in refused.stderr
+
+
 def test_gpt2_conv1d_groups_stay_whole_under_fsdp2(tiny_models, tmp_path) -> None:
     """GPT-2 stores ``[in, out]``: its N:M groups run along dim 0, the dim FSDP2 shards by
     default. Its W0 and surrogate are sharded along the output features instead, so the prox

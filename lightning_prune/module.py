@@ -78,10 +78,12 @@ class PruningModule(LightningModule):
             return
         mesh = fsdp_mesh(self._device_mesh)
         # FSDP2: build on the meta device, load each rank's shards only (a one-shot warm start
-        # calibrates on the whole model, so it loads the whole model on every rank first)
+        # calibrates on the whole model, so it loads the whole model on every rank first; so
+        # does a mask family that cannot initialise its state from loaded shards)
         sharded_load = (
             mesh is not None
             and self.init_mask is None
+            and type(self.mask_family).reset_state is not MaskFamily.reset_state
             and safetensors_files(self.model_name) is not None
         )
         if sharded_load:

@@ -113,7 +113,8 @@ class MaskFamily(ABC):
 
     def reset_state(self) -> None:
         """Initialise the mask state from the loaded W0 once a model built on the meta device
-        has storage (sharded loading); the state attached on meta holds no values."""
+        has storage (sharded loading); the state attached on meta holds no values. Families
+        that do not override it are attached to a whole model loaded on every rank."""
         raise ConfigError(
             f"mask family {type(self).__name__} cannot be attached to a model built on the meta "
             "device (sharded loading)"

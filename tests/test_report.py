@@ -247,3 +247,30 @@ def test_report_on_a_one_shot_run_without_training_log(small_model, tmp_path) ->
     assert masks.shape[1] > 800
     summary = summarize(load_run(tmp_path))
     assert np.allclose(summary.done(), 1.0)  # a one-shot 2:4 mask is N:M from the start
+
+
+def test_report_shows_the_inference_benchmark_table(tmp_path) -> None:
+    """A folder holding only a ``tools/bench_inference.py`` JSON (its fields as the tool writes
+    them) gets the files / loading / speed table."""
+    result = {
+        "variant": "2:4 compressed-nm (restored)",
+        "file_bytes": 3 * 2**20,
+        "file_ratio": 0.655,
+        "load_s": 1.5,
+        "peak_mb": 300.0,
+        "rows": [
+            {"batch": 1, "length": 32, "prefill_speedup": 1.1, "decode_speedup": 0.9,
+             "flop_bound": 1.0},
+            {"batch": 4, "length": 128, "prefill_speedup": 1.02, "decode_speedup": 0.97,
+             "flop_bound": 1.0},
+        ],
+        "speedup_expected": "no speed-up: restored to the same dense tensors",
+    }
+    (tmp_path / "inference.json").write_text(json.dumps({"config": {}, "results": [result]}))
+    out = tmp_path / "report.html"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path), "--output", str(out)])
+    assert exit_info.value.code == 0
+    page = out.read_text()
+    assert "tools/bench_inference.py" in page
+    assert "0.655" in page and "1.02x / 0.97x" in page and "no speed-up: restored" in page

@@ -157,7 +157,7 @@ def _perplexity(records: dict[str, dict[str, Any]], problems: list[str]) -> str:
 
 
 def _speed_and_size(runs: list[RunData]) -> str:
-    sizes, speed = [], []
+    sizes, speed, files = [], [], []
     for run in runs:
         for folder, record in run.exports.items():
             params = record.get("parameters") or {}
@@ -178,15 +178,44 @@ def _speed_and_size(runs: list[RunData]) -> str:
             )
         for name, payload in run.speed.items():
             speed.extend(_speed_row(f"{run.name}: {name}", row) for row in payload["rows"])
+        for name, payload in run.inference.items():
+            files.extend(_inference_row(f"{run.name}: {name}", r) for r in payload["results"])
     parts = []
     if sizes:
         parts.append(document.table(sizes, list(sizes[0])))
+    if files:
+        parts.append(
+            "<p>Files, loading and speed of each export (tools/bench_inference.py; medians, "
+            "speed-ups against dense at the largest batch and length measured).</p>"
+        )
+        parts.append(document.table(files, list(files[0])))
     if speed:
         parts.append("<p>Tokens per second (tools/bench_speed.py), dense → pruned.</p>")
         parts.append(document.table(speed, list(speed[0])))
     return "".join(parts) or document.note(
-        "no export (pruning.json) or speed benchmark JSON (tools/bench_speed.py --output) found"
+        "no export (pruning.json) or speed benchmark JSON (tools/bench_speed.py or "
+        "tools/bench_inference.py --output) found"
     )
+
+
+def _inference_row(label: str, result: dict[str, Any]) -> dict[str, Any]:
+    """One ``bench_inference.py`` variant: size, load, memory, speed at its largest cell."""
+    rows = result.get("rows") or [{}]
+    last = max(rows, key=lambda r: (r.get("batch", 0), r.get("length", 0)))
+    speedup = {p: last.get(f"{p}_speedup") for p in ("prefill", "decode")}
+    return {
+        "record": label,
+        "variant": result.get("variant"),
+        "file MB": f"{result['file_bytes'] / 2**20:.1f}",
+        "× dense file": f"{result.get('file_ratio', float('nan')):.3f}",
+        "load s": f"{result.get('load_s', float('nan')):.2f}",
+        "peak MB": f"{result.get('peak_mb', float('nan')):.0f}",
+        "prefill / decode speed-up": " / ".join(
+            "–" if v is None else f"{v:.2f}x" for v in speedup.values()
+        ),
+        "FLOP bound": "–" if last.get("flop_bound") is None else f"{last['flop_bound']:.2f}x",
+        "speed-up expected": result.get("speedup_expected", ""),
+    }
 
 
 def _speed_row(label: str, row: dict[str, Any]) -> dict[str, Any]:

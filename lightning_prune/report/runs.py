@@ -41,6 +41,7 @@ class RunData:
     checkpoint: Path | None = None
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # by path in the folder
     speed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    inference: dict[str, dict[str, Any]] = field(default_factory=dict)  # bench_inference.py
     exports: dict[str, dict[str, Any]] = field(default_factory=dict)  # pruning.json by folder
 
 
@@ -62,7 +63,7 @@ def load_run(path: str | Path) -> RunData:
     else:
         _read_logs(run, root)
     _read_json_files(run, root)
-    if not (run.log_dir or run.records or run.exports or run.speed):
+    if not (run.log_dir or run.records or run.exports or run.speed or run.inference):
         raise ReportError(
             f"run folder '{root}': found no fit log folder (metrics.csv, config.yaml or "
             "checkpoints/), no pruning.json and no evaluate or benchmark JSON; expected a fit's "
@@ -123,6 +124,8 @@ def _read_json_files(run: RunData, root: Path) -> None:
             run.records[relative] = payload
         elif is_speed(payload):
             run.speed[relative] = payload
+        elif is_inference(payload):
+            run.inference[relative] = payload
 
 
 def is_speed(payload: Any) -> bool:
@@ -132,6 +135,15 @@ def is_speed(payload: Any) -> bool:
         and isinstance(payload.get("rows"), list)
         and isinstance(payload.get("params"), dict)
         and all(isinstance(r, dict) and "prefill_speedup" in r for r in payload["rows"])
+    )
+
+
+def is_inference(payload: Any) -> bool:
+    """Whether ``payload`` is the JSON of ``tools/bench_inference.py``."""
+    return (
+        isinstance(payload, dict)
+        and isinstance(payload.get("results"), list)
+        and all(isinstance(r, dict) and "file_bytes" in r for r in payload["results"])
     )
 
 

@@ -9,8 +9,9 @@ time on those cached inputs. Activation memory stays near one layer's inputs and
 
 Sequential flow (as in the SparseGPT/Wanda reference code): collect statistics of layer ``l``
 with :meth:`LayerwiseCalibration.collect`, prune it, then :meth:`LayerwiseCalibration.advance`
-with the pruned weights swapped in (:func:`swapped_weights`), so layer ``l + 1`` sees the
-outputs of the already-pruned layers. Weights stay where they are (no CPU offload).
+with the pruned weights (and compensated biases) swapped in (:func:`swapped_weights`), so layer
+``l + 1`` sees the outputs of the already-pruned layers. Weights stay where they are (no CPU
+offload).
 """
 
 from __future__ import annotations
@@ -38,20 +39,24 @@ def storage_weight(module: nn.Module) -> torch.Tensor:
 
 
 @contextmanager
-def swapped_weights(weights: dict[nn.Module, torch.Tensor]) -> Iterator[None]:
-    """Temporarily copy ``weights`` (storage orientation) into the modules' stored weights."""
-    saved = {}
+def swapped_weights(
+    weights: dict[nn.Module, torch.Tensor], biases: dict[nn.Module, torch.Tensor] | None = None
+) -> Iterator[None]:
+    """Temporarily copy ``weights`` (storage orientation) into the modules' stored weights and
+    ``biases`` into their biases (e.g. a one-shot method's bias compensation)."""
+    stored = [(storage_weight(m), w) for m, w in weights.items()]
+    stored += [(m.bias, b) for m, b in (biases or {}).items()]
+    saved = []
     try:
         with torch.no_grad():
-            for module, weight in weights.items():
-                stored = storage_weight(module)
-                saved[module] = stored.detach().clone()
-                stored.copy_(weight.to(stored))
+            for tensor, value in stored:
+                saved.append((tensor, tensor.detach().clone()))
+                tensor.copy_(value.to(tensor))
         yield
     finally:
         with torch.no_grad():
-            for module, weight in saved.items():
-                storage_weight(module).copy_(weight)
+            for tensor, value in saved:
+                tensor.copy_(value)
 
 
 def _hidden(output: Any) -> torch.Tensor:

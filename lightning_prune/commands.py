@@ -13,6 +13,7 @@ from lightning_prune.data.datamodule import CalibrationDataModule
 from lightning_prune.errors import ConfigError
 from lightning_prune.evaluation import format_table, perplexity, write_json
 from lightning_prune.export.atomic import check_target
+from lightning_prune.masks.init import one_shot_applied
 from lightning_prune.module import PruningModule
 from lightning_prune.protocol import (
     check_comparable,
@@ -110,13 +111,9 @@ def run_evaluate(
     for name in baselines:
         initializer = registry.get("initializers", name)()
         batches = datamodule.train_dataloader() if initializer.needs_data else None
-        masks, weights = initializer.compute_with_weights(module.model, family, batches)
-        saved = {k: family.originals()[k].clone() for k in weights or {}}
-        family.apply_weights(weights or {})  # e.g. SparseGPT ships its updated weights
-        family.use_masks(masks)
-        rows.append(measure(name, module.model))
-        family.apply_weights(saved)  # back to the run's own W0
-        family.updated_weights -= set(saved)
+        update = initializer.compute_update(module.model, family, batches)
+        with one_shot_applied(family, update):  # SparseGPT's weights, FLAP's biases; restored
+            rows.append(measure(name, module.model))
     if ckpt_path is not None:
         family.harden()
         rows.append(measure(f"learned ({Path(ckpt_path).name})", module.model))

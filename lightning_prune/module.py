@@ -114,7 +114,10 @@ class PruningModule(LightningModule):
         """Warm-start the mask family from a one-shot initializer plugin (name or spec).
 
         Weights the initializer updates (SparseGPT) replace W0 through
-        ``MaskFamily.apply_weights`` and are saved in checkpoints.
+        ``MaskFamily.apply_weights``, and biases it compensates (FLAP) replace the output
+        biases through ``MaskFamily.apply_biases``; checkpoints save both. Biases are applied
+        only when the solver ships the initial mask (``Solver.ships_init_mask``, e.g.
+        ``oneshot``): a compensation for one mask is wrong for the mask a solver learns.
         """
         initializer = build_initializer(name)
         label = initializer_name(name)
@@ -125,10 +128,15 @@ class PruningModule(LightningModule):
                 raise ConfigError(f"init_mask '{label}' needs calibration data (a datamodule)")
             whole = getattr(datamodule, "calibration_dataloader", datamodule.train_dataloader)
             batches = whole()  # all of it, on every rank: the same masks everywhere
-        masks, weights = initializer.compute_with_weights(self.model, self.mask_family, batches)
-        if weights:
-            self.mask_family.apply_weights(weights)
-        self.mask_family.apply_initial_masks(masks)
+        update = initializer.compute_update(self.model, self.mask_family, batches)
+        if update.biases and not self.solver.ships_init_mask:
+            print(
+                f"init_mask '{label}': bias compensation not applied, the solver "
+                f"{type(self.solver).__name__} learns its own mask (solver oneshot keeps it)"
+            )
+            update.biases = {}
+        update.apply(self.mask_family)
+        self.mask_family.apply_initial_masks(update.masks)
 
     def check_resume(self, ckpt_path: str | Path, trainer: Any, resume: bool = True) -> None:
         """Refuse, before any process starts, a checkpoint made for another model or mask, or
@@ -248,11 +256,15 @@ class PruningModule(LightningModule):
         }
 
     def learned_state_keys(self) -> set[str]:
-        """State-dict keys a checkpoint keeps: trainable tensors and replaced W0s."""
+        """State-dict keys a checkpoint keeps: trainable tensors, replaced W0s and biases."""
         keys = {n for n, p in self.named_parameters() if p.requires_grad}
+        family = self.mask_family
         keys |= {  # W0 replaced by a one-shot method's updated weights (SparseGPT)
             f"model.{name}.parametrizations.weight.original"
-            for name in getattr(self.mask_family, "updated_weights", ())
+            for name in getattr(family, "updated_weights", ())
+        }
+        keys |= {  # biases replaced by a one-shot method's compensation (FLAP)
+            f"model.{name}.bias" for name in getattr(family, "updated_biases", ())
         }
         return keys
 

@@ -1,27 +1,36 @@
 """One-shot baselines plugin (lightning-prune-baselines): each method against a direct computation,
-warm starts, the oneshot solver through the real CLI, and bad input."""
+warm starts, the oneshot solver through the real CLI, FLAP's bias compensation (checkpoint,
+evaluate, export; Llama skips it), and bad input."""
 
 from __future__ import annotations
 
+import logging
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from lightning_prune.checkpoints import load_learned_state
+from lightning_prune.cli import main
 from lightning_prune.errors import ConfigError
-from lightning_prune.masks.init import build_initializer
+from lightning_prune.masks.init import build_initializer, one_shot_applied
 from lightning_prune.masks.nm import NMMaskFamily
 from lightning_prune.masks.structured import UniformStructuredFamily
 from lightning_prune.module import PruningModule
 from lightning_prune.ops.hard_concrete import uniform_topk
 from lightning_prune.ops.nm_prox import is_nm, nm_topn_mask
 from lightning_prune.registry import PluginError
+from lightning_prune.regularizers.uniform_lagrangian import UniformLagrangian
 from lightning_prune.solvers.minimax import MinimaxSolver
 from lightning_prune.solvers.proximal import ProximalSolver
 
 pytest.importorskip("lightning_prune_baselines")
 
 from lightning_prune_baselines.ops import sparsegpt  # noqa: E402
+
+WANDA_CONFIG = Path(__file__).parents[1] / "configs" / "wanda_2of4.yaml"
 
 
 def build(path: str, family) -> PruningModule:
@@ -39,8 +48,8 @@ def random_batches(vocab: int, count: int = 3, length: int = 24) -> list[dict]:
     ]
 
 
-def dense_inputs(module: PruningModule, names: list[str], batches) -> dict[str, torch.Tensor]:
-    """Inputs of the named modules in a dense forward, ``[tokens, in]``."""
+def inputs_of(module: PruningModule, names: list[str], batches) -> dict[str, torch.Tensor]:
+    """Inputs of the named modules in full forwards of the model as it is, ``[tokens, in]``."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     handles = [
         module.model.get_submodule(n).register_forward_pre_hook(
@@ -48,13 +57,30 @@ def dense_inputs(module: PruningModule, names: list[str], batches) -> dict[str, 
         )
         for n in names
     ]
-    module.mask_family.set_mode("off")
     with torch.no_grad():
         for batch in batches:
             module.model(input_ids=batch["input_ids"])
     for handle in handles:
         handle.remove()
     return {n: torch.cat(v).double() for n, v in seen.items()}
+
+
+def dense_inputs(module: PruningModule, names: list[str], batches) -> dict[str, torch.Tensor]:
+    """Inputs of the named modules in a dense forward (masks off), ``[tokens, in]``."""
+    module.mask_family.set_mode("off")
+    return inputs_of(module, names, batches)
+
+
+def write_corpus(folder: Path) -> Path:
+    """A small local calibration text (no tokenizing of Wikipedia)."""
+    words = "the river city north old music season paper light stone field early".split()
+    generator = torch.Generator().manual_seed(0)
+    text = folder / "calibration.txt"
+    text.write_text("\n\n".join(
+        " ".join(words[i] for i in torch.randint(0, len(words), (80,), generator=generator))
+        for _ in range(20)
+    ))
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -147,16 +173,15 @@ def test_sparsegpt_first_column_matches_the_obs_formula() -> None:
 def test_sparsegpt_update_weights_and_mask_only(llama_nm) -> None:
     module, batches = llama_nm
     family = module.mask_family
-    masks, weights = build_initializer("sparsegpt").compute_with_weights(
-        module.model, family, batches
-    )
+    update = build_initializer("sparsegpt").compute_update(module.model, family, batches)
+    masks, weights = update.masks, update.weights
     name = "model.layers.1.self_attn.o_proj"
     assert is_nm(weights[name], 2, 4) and torch.equal(weights[name] != 0, masks[name])
     original = family.originals()[name]
     assert not torch.allclose(weights[name], original * masks[name])  # values were updated
     keep = build_initializer({"class_path": "sparsegpt", "init_args": {"update_weights": False}})
-    masks_only, none = keep.compute_with_weights(module.model, family, batches)
-    assert none is None and is_nm(masks_only[name].float(), 2, 4)
+    masks_only = keep.compute_update(module.model, family, batches)
+    assert masks_only.weights == {} and is_nm(masks_only.masks[name].float(), 2, 4)
 
 
 def test_singular_hessian_raises_damping_and_says_so() -> None:
@@ -252,23 +277,10 @@ def test_short_or_missing_calibration_data_is_refused(llama_nm) -> None:
 
 # -- one-shot run through the CLI ----------------------------------------------------------------
 def test_oneshot_sparsegpt_fit_then_export(tiny_models, tmp_path) -> None:
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    from lightning_prune.cli import main
-
-    config = Path(__file__).parents[1] / "configs" / "wanda_2of4.yaml"
-    words = "the river city north old music season paper light stone field early".split()
-    generator = torch.Generator().manual_seed(0)
-    text = tmp_path / "calibration.txt"  # small local corpus: no tokenizing of Wikipedia
-    text.write_text("\n\n".join(
-        " ".join(words[i] for i in torch.randint(0, len(words), (80,), generator=generator))
-        for _ in range(20)
-    ))
+    text = write_corpus(tmp_path)
     spec = "--model.init_mask={class_path: sparsegpt, init_args: {blocksize: 32}}"
     model = tiny_models["llama"]  # random weights: no exact zeros to tie with pruned ones
-    common = ["--config", str(config), f"--model.model={model}", spec]
+    common = ["--config", str(WANDA_CONFIG), f"--model.model={model}", spec]
     main(["fit", *common, "--data.seq_len=32", "--data.num_samples=4", f"--data.source={text}",
           f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -282,3 +294,228 @@ def test_oneshot_sparsegpt_fit_then_export(tiny_models, tmp_path) -> None:
     assert is_nm(exported, 2, 4) and torch.allclose(exported, state[key], atol=1e-6)
     original = AutoModelForCausalLM.from_pretrained(model).model.layers[1].mlp.down_proj
     assert not torch.allclose(exported, original.weight * (exported != 0))  # updated values
+
+
+# -- FLAP bias compensation ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gpt2(tiny_models):
+    family = UniformStructuredFamily(keep_channels=0.5, gate="sigmoid_topk")  # no heads: GPT-2
+    module = build(tiny_models["gpt2"], family)
+    with torch.no_grad():  # GPT-2 starts with zero biases: make them count
+        generator = torch.Generator().manual_seed(1)
+        for target in module.mask_family.targets().values():
+            target.bias.copy_(torch.randn(target.bias.shape, generator=generator))
+    return module, random_batches(module.model.config.vocab_size)
+
+
+def rows(weight: torch.Tensor) -> torch.Tensor:
+    """GPT-2 ``Conv1D`` storage ``[in, out]`` as ``[out, in]``."""
+    return weight.t().double()
+
+
+def direct_flap(module: PruningModule, batches) -> tuple[dict, dict]:
+    """FLAP without the layer-wise machinery: for every layer in turn, full-model forwards with
+    the earlier layers' masks and compensated biases in place and the later layers dense."""
+    family = module.mask_family
+    originals = {n: w.detach().clone() for n, w in family.originals().items()}
+    biases = {n: t.bias.detach().clone() for n, t in family.targets().items()}
+    masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in originals.items()}
+    counts = family.kept_counts()
+    new_biases = {}
+    try:
+        for index in range(family.num_layers):
+            family.use_masks(masks)  # layers < index pruned, the rest all-ones
+            names = {kind: family.gate_names(kind)[index] for kind in family.kinds()}
+            inputs = inputs_of(module, list(names.values()), batches)
+            for kind, name in names.items():
+                weight, x = rows(originals[name]), inputs[name]
+                gate = family.gates(kind)[index]
+                columns = x.var(0) * weight.pow(2).sum(0)
+                unit = uniform_topk(
+                    columns.reshape(gate.units, -1).sum(-1).float(), counts[kind], gate.groups
+                )
+                masks[name] = gate.expand(unit).expand(gate.weight_shape).clone()
+                pruned = ~unit.repeat_interleave(gate.unit_size)
+                new_biases[name] = biases[name].double() + weight[:, pruned] @ x[:, pruned].mean(0)
+            with torch.no_grad():
+                for name in names.values():
+                    family.targets()[name].bias.copy_(new_biases[name])
+    finally:
+        with torch.no_grad():
+            for name, bias in biases.items():
+                family.targets()[name].bias.copy_(bias)
+        family.set_mode("learn")
+    return masks, new_biases
+
+
+# -- the compensated bias ------------------------------------------------------------------------
+def test_first_layer_bias_equals_the_direct_formula(gpt2) -> None:
+    module, batches = gpt2
+    family = module.mask_family
+    update = build_initializer("flap").compute_update(module.model, family, batches)
+    assert set(update.biases) == set(family.targets())  # every c_proj has a bias
+    layer0 = [n for n in update.biases if n.startswith("transformer.h.0.")]
+    inputs = dense_inputs(module, layer0, batches)  # layer 0 sees the dense model's inputs
+    family.set_mode("learn")
+    for name in layer0:
+        weight = rows(family.originals()[name])
+        pruned = ~update.masks[name].any(1)  # Conv1D mask [in, out]: pruned input rows
+        assert pruned.sum() == pruned.numel() // 2
+        x = inputs[name]
+        expected = family.targets()[name].bias.double() + weight[:, pruned] @ x[:, pruned].mean(0)
+        assert torch.allclose(update.biases[name].double(), expected, atol=1e-5), name
+
+
+def test_layerwise_calibration_equals_whole_model_forwards(gpt2) -> None:
+    module, batches = gpt2
+    family = module.mask_family
+    update = build_initializer("flap").compute_update(module.model, family, batches)
+    masks, biases = direct_flap(module, batches)
+    for name in family.targets():
+        assert torch.equal(update.masks[name], masks[name]), name
+        assert torch.allclose(update.biases[name].double(), biases[name], atol=1e-5), name
+    # compensation off: the same first-layer masks, no biases
+    off = build_initializer({"class_path": "flap", "init_args": {"compensate_bias": False}})
+    plain = off.compute_update(module.model, family, batches)
+    assert plain.biases == {}
+    name = family.gate_names("channels")[0]
+    assert torch.equal(plain.masks[name], update.masks[name])
+
+
+def test_compensation_lowers_the_output_error_on_calibration_data(gpt2) -> None:
+    module, batches = gpt2
+    family = module.mask_family
+    update = build_initializer("flap").compute_update(module.model, family, batches)
+    names = [n for n in update.biases if n.startswith("transformer.h.0.")]
+    inputs = dense_inputs(module, names, batches)
+    family.set_mode("learn")
+    for name in names:
+        weight, x = rows(family.originals()[name]), inputs[name]
+        bias = family.targets()[name].bias.double()
+        kept = update.masks[name].any(1)
+        dense = x @ weight.t() + bias
+        masked = x[:, kept] @ weight[:, kept].t()
+        plain = (dense - masked - bias).pow(2).sum()
+        compensated = (dense - masked - update.biases[name].double()).pow(2).sum()
+        assert compensated < plain, name
+
+
+def test_one_shot_applied_restores_weights_and_biases(gpt2) -> None:
+    module, batches = gpt2
+    family = module.mask_family
+    update = build_initializer("flap").compute_update(module.model, family, batches)
+    before = {n: t.bias.detach().clone() for n, t in family.targets().items()}
+    with one_shot_applied(family, update):
+        assert family.updated_biases == set(update.biases)
+        for name, bias in update.biases.items():
+            assert torch.equal(family.targets()[name].bias, bias)
+    assert family.updated_biases == set()
+    for name, bias in before.items():
+        assert torch.equal(family.targets()[name].bias, bias)
+    family.set_mode("learn")
+
+
+# -- one-shot run, checkpoint, evaluate, export --------------------------------------------------
+def test_oneshot_flap_checkpoint_and_export_carry_the_biases(tiny_models, tmp_path) -> None:
+    model = tiny_models["gpt2"]
+    generator = torch.Generator().manual_seed(0)
+    text = write_corpus(tmp_path)
+    family = (
+        "--model.mask_family={class_path: uniform_structured, "
+        "init_args: {keep_channels: 0.5, gate: sigmoid_topk}}"
+    )
+    common = ["--config", str(WANDA_CONFIG), f"--model.model={model}", family,
+              "--model.init_mask=flap"]
+    main(["fit", *common, "--data.seq_len=32", "--data.num_samples=4", f"--data.source={text}",
+          f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    bias_keys = sorted(k for k in state if k.endswith(".bias"))
+    assert bias_keys == [f"model.transformer.h.{i}.mlp.c_proj.bias" for i in range(2)]
+    dense = AutoModelForCausalLM.from_pretrained(model)
+    changed = state["model.transformer.h.1.mlp.c_proj.bias"]
+    assert not torch.allclose(changed, dense.transformer.h[1].mlp.c_proj.bias)
+
+    # evaluate's path: a fresh module restores the biases with the masks
+    restored = PruningModule(
+        UniformStructuredFamily(keep_channels=0.5, gate="sigmoid_topk"),
+        MinimaxSolver(),
+        model=model,
+    )
+    load_learned_state(restored, ckpt)
+    assert torch.equal(restored.model.transformer.h[1].mlp.c_proj.bias, changed)
+    restored.mask_family.harden()
+    probe = torch.randint(0, 1000, (2, 24), generator=generator)
+    with torch.no_grad():
+        masked = restored.model(input_ids=probe).logits
+
+    out = tmp_path / "export"
+    main(["export", *common, f"--ckpt_path={ckpt}", f"--output_dir={out}"])
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert exported.config.n_inner == 128
+    assert torch.equal(exported.transformer.h[1].mlp.c_proj.bias, changed)
+    with torch.no_grad():
+        got = exported(input_ids=probe).logits
+    assert (got - masked).abs().max().item() < 1e-4
+
+
+def test_learned_solver_warm_started_from_flap_keeps_the_dense_biases(
+    tiny_models, tmp_path, capsys
+) -> None:
+    from lightning.pytorch import Trainer
+
+    from lightning_prune.data import CalibrationDataModule
+
+    model = tiny_models["gpt2"]
+    family = UniformStructuredFamily(keep_channels=0.5, gate="sigmoid_topk")
+    module = PruningModule(
+        family, MinimaxSolver(), [UniformLagrangian()], model=model, init_mask="flap"
+    )
+    data = CalibrationDataModule(
+        source=str(write_corpus(tmp_path)), tokenizer=model, seq_len=32, num_samples=4
+    )
+    trainer = Trainer(
+        max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=data)
+    assert "init_mask 'flap': bias compensation not applied" in capsys.readouterr().out
+    dense = AutoModelForCausalLM.from_pretrained(model)
+    for index, layer in enumerate(module.model.transformer.h):
+        assert torch.equal(layer.mlp.c_proj.bias, dense.transformer.h[index].mlp.c_proj.bias)
+    assert family.updated_biases == set()
+    assert not any(k.endswith(".bias") for k in module.learned_state_keys())
+
+
+# -- models without output biases ----------------------------------------------------------------
+def test_llama_skips_compensation_with_a_log_line_or_refuses_when_required(
+    tiny_models, caplog
+) -> None:
+    family = UniformStructuredFamily(keep_heads=0.5, keep_channels=0.5, gate="sigmoid_topk")
+    module = build(tiny_models["llama"], family)
+    batches = random_batches(module.model.config.vocab_size)
+    with caplog.at_level(logging.WARNING, logger="lightning_prune_baselines"):
+        update = build_initializer("flap").compute_update(module.model, family, batches)
+    assert update.biases == {} and set(update.masks) == set(family.targets())
+    assert (
+        "bias compensation skipped: model_type 'llama' has no bias on mlp.down_proj, "
+        "self_attn.o_proj" in caplog.text
+    )
+    required = build_initializer({"class_path": "flap", "init_args": {"compensate_bias": True}})
+    with pytest.raises(ConfigError, match=r"'flap'\.compensate_bias: model_type 'llama'"):
+        required.compute_update(module.model, family, batches)
+    with pytest.raises(ConfigError, match=r"apply_biases: 'model.layers.0.mlp.down_proj' has no"):
+        family.apply_biases({"model.layers.0.mlp.down_proj": torch.zeros(64)})
+
+
+def test_bad_compensation_input_is_named(gpt2) -> None:
+    module, _ = gpt2
+    family = module.mask_family
+    with pytest.raises(ConfigError, match=r"'flap'\.compensate_bias: expected true, false or"):
+        build_initializer({"class_path": "flap", "init_args": {"compensate_bias": "yes"}})
+    with pytest.raises(ConfigError, match="apply_biases: 'lm_head' is not a target"):
+        family.apply_biases({"lm_head": torch.zeros(64)})
+    with pytest.raises(ConfigError, match=r"bias shape \(64,\), got \(3,\)"):
+        family.apply_biases({"transformer.h.0.mlp.c_proj": torch.zeros(3)})
+    assert family.updated_biases == set()

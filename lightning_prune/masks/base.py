@@ -68,6 +68,7 @@ class MaskFamily(ABC):
         self.exclude = exclude
         self._targets: dict[str, nn.Module] = {}
         self.updated_weights: set[str] = set()  # targets whose W0 was replaced (apply_weights)
+        self.updated_biases: set[str] = set()  # targets whose bias was replaced (apply_biases)
 
     @abstractmethod
     def make_parametrization(self, name: str, module: nn.Module, transposed: bool) -> nn.Module:
@@ -168,6 +169,31 @@ class MaskFamily(ABC):
             with torch.no_grad():
                 originals[name].copy_(weight.to(originals[name]))
             self.updated_weights.add(name)
+
+    def apply_biases(self, biases: dict[str, torch.Tensor]) -> None:
+        """Replace the output bias of some targets (e.g. FLAP's bias compensation).
+
+        Only targets that have a bias can take one (the exported config must hold it); the
+        names are kept in ``updated_biases`` so checkpoints save the replaced tensors.
+        """
+        targets = self.targets()
+        for name, bias in biases.items():
+            if name not in targets:
+                raise ConfigError(f"apply_biases: '{name}' is not a target of this mask family")
+            stored = getattr(targets[name], "bias", None)
+            if stored is None:
+                raise ConfigError(
+                    f"apply_biases: '{name}' has no bias ({type(targets[name]).__name__} "
+                    "without one), so the exported model could not hold a replaced bias"
+                )
+            if bias.shape != stored.shape:
+                raise ConfigError(
+                    f"apply_biases: '{name}' has bias shape {tuple(stored.shape)}, "
+                    f"got {tuple(bias.shape)}"
+                )
+            with torch.no_grad():
+                stored.copy_(bias.to(stored))
+            self.updated_biases.add(name)
 
     def harden(self) -> None:
         """Switch every target to its final hard mask and verify the pattern."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -11,6 +13,28 @@ from torch import nn
 
 from lightning_prune.errors import ConfigError
 from lightning_prune.masks.base import MaskFamily
+
+
+@dataclass
+class OneShotUpdate:
+    """What a one-shot method ships: hard masks plus the tensors it replaced.
+
+    Attributes:
+        masks: bool hard mask per target (storage orientation), ``True`` = kept.
+        weights: replaced W0 per target (storage orientation; SparseGPT's updated weights),
+            applied with :meth:`MaskFamily.apply_weights`.
+        biases: replaced output bias per target (FLAP's bias compensation), applied with
+            :meth:`MaskFamily.apply_biases`.
+    """
+
+    masks: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def apply(self, family: MaskFamily) -> None:
+        """Replace the family's stored weights and biases by this update's (masks untouched)."""
+        family.apply_weights(self.weights)
+        family.apply_biases(self.biases)
 
 
 class MaskInitializer(ABC):
@@ -28,18 +52,36 @@ class MaskInitializer(ABC):
     ) -> dict[str, torch.Tensor]:
         """Return ``{module name: bool mask}`` for the family's targets."""
 
-    def compute_with_weights(
+    def compute_update(
         self,
         model: nn.Module,
         family: MaskFamily,
         batches: Iterable[dict[str, torch.Tensor]] | None = None,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """Masks plus the weights to ship with them (storage orientation), or ``None``.
+    ) -> OneShotUpdate:
+        """Masks plus the weights and biases to ship with them.
 
-        Methods that update the kept weights (SparseGPT) override this; the family applies the
-        weights with :meth:`MaskFamily.apply_weights`. The default: :meth:`compute`, no weights.
+        Methods that update kept weights (SparseGPT) or output biases (FLAP) override this.
+        The default: :meth:`compute`, nothing replaced.
         """
-        return self.compute(model, family, batches), None
+        return OneShotUpdate(self.compute(model, family, batches))
+
+
+@contextmanager
+def one_shot_applied(family: MaskFamily, update: OneShotUpdate) -> Iterator[None]:
+    """Forward with ``update`` (its masks as hard masks, its weights and biases) inside the
+    block; the replaced weights and biases are restored afterwards (the masks stay in use)."""
+    originals = family.originals()
+    saved_weights = {n: originals[n].detach().clone() for n in update.weights}
+    saved_biases = {n: family.targets()[n].bias.detach().clone() for n in update.biases}
+    before = (set(family.updated_weights), set(family.updated_biases))
+    update.apply(family)
+    family.use_masks(update.masks)
+    try:
+        yield
+    finally:
+        family.apply_weights(saved_weights)
+        family.apply_biases(saved_biases)
+        family.updated_weights, family.updated_biases = before
 
 
 def initializer_name(spec: str | dict[str, Any]) -> str:

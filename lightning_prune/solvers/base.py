@@ -20,6 +20,9 @@ class Solver:
 
     #: gradient-norm clipping applied before every step (``None``: off)
     grad_clip: float | None = None
+    #: the shipped mask is ``init_mask``'s as computed (no training changes it), so a one-shot
+    #: method's bias compensation for that mask stays valid
+    ships_init_mask: bool = False
 
     def configure_optimizers(self, module: PruningModule) -> Any:
         """Return what ``LightningModule.configure_optimizers`` returns."""

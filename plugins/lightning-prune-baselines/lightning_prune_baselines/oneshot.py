@@ -39,6 +39,8 @@ class OneShotSolver(Solver):
     Args are none: the initializer's options go in ``init_mask.init_args``.
     """
 
+    ships_init_mask = True
+
     def configure_optimizers(self, module: PruningModule) -> Any:
         if module.init_mask is None:
             raise ConfigError(

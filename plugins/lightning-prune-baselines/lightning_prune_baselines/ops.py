@@ -175,6 +175,20 @@ def sparsegpt(
     return mask, (weight * mask).to(rows.dtype), used
 
 
+def compensated_bias(rows: Tensor, bias: Tensor, mean: Tensor, kept: Tensor) -> Tensor:
+    """FLAP's bias compensation: ``bias + W[:, pruned] @ mean(X)[pruned]``.
+
+    Args:
+        rows: ``[out, in]`` weight of the output projection.
+        bias: its ``[out]`` output bias.
+        mean: per-input-column mean of its calibration inputs, ``[in]``.
+        kept: bool per input column, ``True`` = kept.
+    """
+    pruned = ~kept.to(rows.device)
+    shift = rows.detach().double()[:, pruned] @ mean.to(rows.device).double()[pruned]
+    return (bias.detach().double() + shift).to(bias.dtype)
+
+
 def unit_sums(column_scores: Tensor, units: int) -> Tensor:
     """Per-unit sums of per-input-column scores (a unit owns consecutive columns)."""
     return column_scores.reshape(units, -1).sum(-1)

@@ -9,8 +9,8 @@ from torch import nn
 
 from lightning_prune.errors import ConfigError
 from lightning_prune.masks.base import MaskFamily
-from lightning_prune.masks.init import MaskInitializer
-from lightning_prune_baselines.layerwise import layer_by_layer, stored_rows
+from lightning_prune.masks.init import MaskInitializer, OneShotUpdate
+from lightning_prune_baselines.layerwise import Pruned, as_rows, layer_by_layer, stored_rows
 from lightning_prune_baselines.ops import InputStats, keep_mask, sparsegpt, wanda_scores
 
 
@@ -46,23 +46,19 @@ class _LayerwiseNM(MaskInitializer):
         """``(kept mask, weight to ship)`` of one target, both ``[out, in]``."""
         raise NotImplementedError
 
-    def compute_with_weights(
+    def compute_update(
         self,
         model: nn.Module,
         family: MaskFamily,
         batches: Iterable[dict[str, torch.Tensor]] | None = None,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    ) -> OneShotUpdate:
         n, m = nm_pattern(family, self.method, self.sparsity)
-        parametrizations = family.parametrizations()
 
-        def orient(name: str, rows: torch.Tensor) -> torch.Tensor:
-            return rows.t() if getattr(parametrizations[name], "transposed", False) else rows
-
-        def prune_layer(index: int, stats: dict[str, InputStats]):
+        def prune_layer(index: int, stats: dict[str, InputStats]) -> dict[str, Pruned]:
             layer = {}
             for name, stat in stats.items():
                 mask, weight = self.prune(name, stored_rows(family, name), stat, n, m)
-                layer[name] = (orient(name, mask), orient(name, weight))
+                layer[name] = Pruned(as_rows(family, name, mask), as_rows(family, name, weight))
             return layer
 
         results = layer_by_layer(
@@ -75,14 +71,15 @@ class _LayerwiseNM(MaskInitializer):
             min_tokens=self.min_tokens,
             what=f"init_mask '{self.method}'",
         )
-        masks = {name: mask for name, (mask, _) in results.items()}
-        return masks, self.shipped_weights(results)
+        masks = {name: result.mask for name, result in results.items()}
+        return OneShotUpdate(masks, self.shipped_weights(results))
 
-    def shipped_weights(self, results) -> dict[str, torch.Tensor] | None:
-        return None
+    def shipped_weights(self, results: dict[str, Pruned]) -> dict[str, torch.Tensor]:
+        """Replaced W0 per target (none: the kept weights keep their W0 values)."""
+        return {}
 
     def compute(self, model, family, batches=None) -> dict[str, torch.Tensor]:
-        return self.compute_with_weights(model, family, batches)[0]
+        return self.compute_update(model, family, batches).masks
 
 
 class WandaInit(_LayerwiseNM):
@@ -168,7 +165,7 @@ class SparseGPTInit(_LayerwiseNM):
         self.damping[name] = used
         return mask, updated if self.update_weights else rows
 
-    def shipped_weights(self, results) -> dict[str, torch.Tensor] | None:
+    def shipped_weights(self, results: dict[str, Pruned]) -> dict[str, torch.Tensor]:
         if not self.update_weights:
-            return None
-        return {name: weight * mask.to(weight.dtype) for name, (mask, weight) in results.items()}
+            return {}
+        return {name: r.weight * r.mask.to(r.weight.dtype) for name, r in results.items()}

@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
-from lightning_prune.checkpoints import load_learned_state
+from lightning_prune.checkpoints import load_learned_state, read_checkpoint_header
 from lightning_prune.data.datamodule import CalibrationDataModule
-from lightning_prune.errors import ConfigError
+from lightning_prune.errors import ConfigError, MissingPathError
 from lightning_prune.evaluation import format_table, perplexity, write_json
 from lightning_prune.export.atomic import check_target
 from lightning_prune.masks.init import one_shot_applied
-from lightning_prune.module import PruningModule
+from lightning_prune.module import PruningModule, check_checkpoint
 from lightning_prune.protocol import (
     check_comparable,
     evaluation_record,
@@ -64,6 +64,16 @@ def run_export(
     return path
 
 
+def check_checkpoint_early(module: PruningModule, ckpt_path: str | Path) -> None:
+    """Refuse a missing checkpoint, or one made for another model or mask, before any work."""
+    if not Path(ckpt_path).exists():
+        raise MissingPathError(f"ckpt_path: '{ckpt_path}' does not exist")
+    header = read_checkpoint_header(ckpt_path)
+    if not isinstance(header, dict):
+        raise ConfigError(f"ckpt_path: '{ckpt_path}' is not a lightning-prune checkpoint")
+    check_checkpoint(header, module)
+
+
 def run_evaluate(
     module: PruningModule,
     datamodule: CalibrationDataModule,
@@ -84,10 +94,9 @@ def run_evaluate(
     from transformers import AutoModelForCausalLM
 
     earlier = {path: load_record(path) for path in compare or []}  # fail before the work
-    if ckpt_path is not None:
-        load_learned_state(module, ckpt_path)
-    else:
-        module.configure_model()
+    module.configure_model()
+    if ckpt_path is not None:  # checked now, loaded after the dense and baseline rows
+        check_checkpoint_early(module, ckpt_path)
     registry = get_registry()
     for name in baselines:
         registry.info("initializers", name)
@@ -114,7 +123,8 @@ def run_evaluate(
         update = initializer.compute_update(module.model, family, batches)
         with one_shot_applied(family, update):  # SparseGPT's weights, FLAP's biases; restored
             rows.append(measure(name, module.model))
-    if ckpt_path is not None:
+    if ckpt_path is not None:  # a one-shot checkpoint may replace W0s and biases (SparseGPT, FLAP)
+        load_learned_state(module, ckpt_path)
         family.harden()
         rows.append(measure(f"learned ({Path(ckpt_path).name})", module.model))
     for folder in exported:

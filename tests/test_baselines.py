@@ -4,6 +4,7 @@ evaluate, export; Llama skips it), and bad input."""
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -416,7 +417,9 @@ def test_one_shot_applied_restores_weights_and_biases(gpt2) -> None:
 
 
 # -- one-shot run, checkpoint, evaluate, export --------------------------------------------------
-def test_oneshot_flap_checkpoint_and_export_carry_the_biases(tiny_models, tmp_path) -> None:
+def test_oneshot_flap_checkpoint_export_and_evaluate_carry_the_biases(
+    tiny_models, tmp_path, capsys
+) -> None:
     model = tiny_models["gpt2"]
     generator = torch.Generator().manual_seed(0)
     text = write_corpus(tmp_path)
@@ -457,6 +460,21 @@ def test_oneshot_flap_checkpoint_and_export_carry_the_biases(tiny_models, tmp_pa
     with torch.no_grad():
         got = exported(input_ids=probe).logits
     assert (got - masked).abs().max().item() < 1e-4
+
+    # evaluate: the dense row is the dense model's although the checkpoint replaces biases
+    data = [f"--data.source={text}", "--data.seq_len=32", "--data.eval_tokens=64"]
+    records = {}
+    for label, extra in (("dense", []), ("with_ckpt", [f"--ckpt_path={ckpt}"])):
+        records[label] = tmp_path / f"{label}.json"
+        main(["evaluate", *common, *data, *extra, f"--output={records[label]}"])
+    rows = {k: json.loads(v.read_text())["rows"] for k, v in records.items()}
+    dense_row, learned = rows["with_ckpt"]
+    source = next(k for k in dense_row if k != "model")
+    assert dense_row["model"] == "dense" and dense_row == rows["dense"][0]
+    assert learned["model"].startswith("learned") and learned[source] != dense_row[source]
+    with pytest.raises(SystemExit):  # refused before the dense row is measured
+        main(["evaluate", *common, *data, f"--ckpt_path={tmp_path / 'nope.ckpt'}"])
+    assert "nope.ckpt' does not exist" in capsys.readouterr().err
 
 
 def test_learned_solver_warm_started_from_flap_keeps_the_dense_biases(

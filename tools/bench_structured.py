@@ -2,10 +2,11 @@
 
 Prints (and writes as JSON) held-out perplexity on Wikipedia and Shakespeare for the dense model,
 the magnitude-structured baseline (per layer, keep the heads / channels with the largest weight
-norm, uniform counts), Wanda-sp and FLAP-style rows (lightning-prune-baselines), the learned
-minimax mask, and the minimax export after LoRA recovery (`lightning-prune recover`), at the same
-kept counts and with the same calibration tokens for every method; plus each one's perplexity
-rise over dense.
+norm, uniform counts), Wanda-sp and FLAP-style rows (lightning-prune-baselines; FLAP with its
+bias compensation where the model has output-projection biases, e.g. GPT-2, the metric alone on
+Llama-family models; see docs/baselines.md), the learned minimax mask, and the minimax export
+after LoRA recovery (`lightning-prune recover`), at the same kept counts and with the same
+calibration tokens for every method; plus each one's perplexity rise over dense.
 
     python tools/bench_structured.py --budget 0.25 --samples 64 --seq-len 512 \
         --output bench_results/structured.json

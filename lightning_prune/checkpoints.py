@@ -10,10 +10,38 @@ import torch
 from lightning_prune.errors import ConfigError, MissingPathError
 from lightning_prune.module import PruningModule, check_checkpoint
 
+#: how each kind of run is named in errors, and what resumes its checkpoints
+SAVED_BY = {
+    "fsdp1": "FSDPStrategy (FSDP1)",
+    "fsdp2": "FSDP2",
+    "unsharded": "an unsharded strategy (single device or DDP)",
+}
+RESUME_WITH = {
+    "fsdp1": "FSDPStrategy (configs/fsdp.yaml, GPUs, any world size)",
+    "fsdp2": "ModelParallelStrategy (configs/fsdp2.yaml, any world size, devices: 1 included)",
+    "unsharded": "strategy: ddp or on one device",
+}
+#: the key prefix of the model state in a sharded folder, by the strategy that wrote it
+SHARDED_PREFIX = {"fsdp1": "model.", "fsdp2": "state_dict."}
+
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a distributed (sharded) checkpoint folder (FSDP2, one file a rank)."""
+    """Whether ``path`` is a distributed (sharded) checkpoint folder (FSDP2 or FSDP1, one file
+    a rank)."""
     return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+
+
+def saved_sharding(header: dict[str, Any]) -> str:
+    """``fsdp1``, ``fsdp2`` or ``unsharded``: the layout a checkpoint was saved with."""
+    layout = header.get("lightning_prune_layout", {})
+    if layout.get("fsdp1"):
+        return "fsdp1"
+    return "fsdp2" if layout.get("fsdp2") else "unsharded"
+
+
+def current_sharding(fsdp2: bool, fsdp1: bool) -> str:
+    """``fsdp1``, ``fsdp2`` or ``unsharded``: the layout of the running strategy."""
+    return "fsdp1" if fsdp1 else "fsdp2" if fsdp2 else "unsharded"
 
 
 def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
@@ -27,13 +55,15 @@ def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"ckpt_path: '{path}' is not a readable checkpoint ({err})") from err
 
 
-def check_resume_layout(path: str | Path, fsdp2: bool, world_size: int) -> None:
+def check_resume_layout(
+    path: str | Path, fsdp2: bool, world_size: int, fsdp1: bool = False
+) -> None:
     """Refuse, before any loading, a checkpoint that this strategy cannot reshard.
 
-    Sharded (distributed) checkpoints reshard to any world size under FSDP2, and full files
-    saved under FSDP2 load at any world size under FSDP2. A full file of a replicated run
-    (single device, DDP) keys its optimizer state for unsharded parameters, and a sharded or
-    FSDP2 checkpoint does not fit an unsharded strategy.
+    A checkpoint resumes under the kind of strategy that saved it, at any world size: FSDP2
+    (sharded folder or full file), FSDP1 (``FSDPStrategy``, sharded folder or full file), or an
+    unsharded one (single device, DDP). Each keys its optimizer state for its own layout of
+    the parameters (DTensor shards, FSDP1's flat parameters, whole tensors).
     """
     header = read_checkpoint_header(path)
     if not is_sharded_checkpoint(path) and "optimizer_states" not in header:
@@ -41,20 +71,31 @@ def check_resume_layout(path: str | Path, fsdp2: bool, world_size: int) -> None:
             f"ckpt_path: '{path}' holds no optimizer state (a consolidated checkpoint); export "
             "and evaluate read it, resume from the sharded folder it came from"
         )
-    layout = header.get("lightning_prune_layout", {"fsdp2": False, "world_size": 1})
-    saved = "FSDP2" if layout.get("fsdp2") else "an unsharded strategy (single device or DDP)"
-    where = f"saved by {saved} on {layout.get('world_size')} rank(s)"
-    if fsdp2 and not layout.get("fsdp2"):
+    saved, current = saved_sharding(header), current_sharding(fsdp2, fsdp1)
+    if saved == "unsharded" and is_sharded_checkpoint(path):
+        saved = "fsdp2"  # a folder without a layout record
+    if saved != current:
+        ranks = header.get("lightning_prune_layout", {}).get("world_size", 1)
         raise ConfigError(
-            f"ckpt_path: '{path}' was {where}; its optimizer state cannot be resharded onto "
-            f"FSDP2 with {world_size} rank(s). Resume it with strategy: ddp or on one device "
-            "(export and evaluate read it under any strategy)"
+            f"ckpt_path: '{path}' was saved by {SAVED_BY[saved]} on {ranks} rank(s); resume "
+            f"it with {RESUME_WITH[saved]}: its optimizer state cannot be resharded onto "
+            f"{SAVED_BY[current]} with {world_size} rank(s). Export and evaluate read it "
+            "under any strategy"
         )
-    if not fsdp2 and (layout.get("fsdp2") or is_sharded_checkpoint(path)):
+
+
+def check_sharded_strategy(path: str | Path, fsdp2: bool, fsdp1: bool) -> None:
+    """Refuse to validate a sharded folder under a strategy that cannot read it: FSDP2
+    folders need ``ModelParallelStrategy``, FSDP1 folders ``FSDPStrategy``."""
+    saved = saved_sharding(read_checkpoint_header(path))
+    saved = "fsdp1" if saved == "fsdp1" else "fsdp2"
+    if saved != current_sharding(fsdp2, fsdp1):
+        use = {
+            "fsdp1": "FSDPStrategy (configs/fsdp.yaml, GPUs)",
+            "fsdp2": "ModelParallelStrategy (configs/fsdp2.yaml, devices: 1 works)",
+        }[saved]
         raise ConfigError(
-            f"ckpt_path: '{path}' was {where}; resume it with ModelParallelStrategy "
-            "(configs/fsdp2.yaml, any world size, devices: 1 included). Export and evaluate "
-            "read it anywhere"
+            f"ckpt_path: '{path}' is a sharded checkpoint; validate it with {use} or export it"
         )
 
 
@@ -73,9 +114,10 @@ def read_sharded_checkpoint(module: PruningModule, path: str | Path) -> dict[str
     except Exception as err:
         raise ConfigError(f"ckpt_path: '{path}' is not a readable checkpoint ({err})") from err
     module.configure_model()
-    saved = {k.removeprefix("state_dict.") for k in stored if k.startswith("state_dict.")}
+    prefix = SHARDED_PREFIX["fsdp1" if saved_sharding(checkpoint) == "fsdp1" else "fsdp2"]
+    saved = {k.removeprefix(prefix) for k in stored if k.startswith(prefix)}
     state = {k: v.detach().clone() for k, v in module.state_dict().items() if k in saved}
-    dcp.load({"state_dict": state}, checkpoint_id=str(path))
+    dcp.load({prefix[:-1]: state}, checkpoint_id=str(path))
     checkpoint["state_dict"] = state
     return checkpoint
 

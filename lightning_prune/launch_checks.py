@@ -12,11 +12,12 @@ from typing import Any
 import torch
 
 from lightning_prune.errors import ConfigError
+from lightning_prune.fsdp1 import check_strategy, check_world_size, is_fsdp1
 
 #: strategies that need CUDA GPUs (Lightning refuses them on CPU, or NCCL cannot start)
 GPU_ONLY = ("fsdp", "fsdpstrategy", "deepspeed", "deepspeedstrategy", "xla", "xlastrategy")
-#: FSDP1 flattens parameters: a shard may cut an N:M group or a gate vector anywhere
-UNSUPPORTED = ("fsdp", "fsdpstrategy")
+#: Lightning's FSDPStrategy (FSDP1): registered names and the class name
+FSDP1 = ("fsdp", "fsdp_cpu_offload", "fsdpstrategy")
 FSDP2 = "modelparallelstrategy"
 
 
@@ -39,19 +40,25 @@ def check_trainer_config(config: Mapping[str, Any], env: Mapping[str, str] | Non
             f"trainer.accelerator: '{accelerator}' but this machine has no CUDA GPU; use "
             "accelerator: cpu"
         )
-    if name.startswith(GPU_ONLY) and (not has_gpu or accelerator == "cpu"):
+    on_cpu = not has_gpu or accelerator == "cpu"
+    if name in FSDP1 and on_cpu:
+        raise ConfigError(
+            f"trainer.strategy: '{name}' needs CUDA GPUs (Lightning's FSDPStrategy, FSDP1) and "
+            "this run is on CPU; use configs/fsdp2.yaml (ModelParallelStrategy: FSDP2, the same "
+            "sharding over gloo on CPU) or strategy: ddp"
+        )
+    if name.startswith(GPU_ONLY) and on_cpu:
         raise ConfigError(
             f"trainer.strategy: '{name}' needs CUDA GPUs and this run is on CPU; use "
             "configs/fsdp2.yaml (ModelParallelStrategy: FSDP2 over gloo on CPU) or "
             "strategy: ddp"
         )
-    if name in UNSUPPORTED:
-        raise ConfigError(
-            "trainer.strategy: FSDPStrategy (FSDP1) flattens parameters, so a shard can cut an "
-            "N:M group or a gate vector; use ModelParallelStrategy (FSDP2, configs/fsdp2.yaml, "
-            "GPUs and CPU) or strategy: ddp"
-        )
     devices, nodes = config.get("devices", "auto"), config.get("num_nodes", 1)
+    if name in FSDP1 or is_fsdp1(strategy):
+        world = devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else None
+        check_world_size(world)
+        if not isinstance(strategy, str):
+            check_strategy(strategy)
     check_launcher(devices, nodes, env)
     if name == FSDP2 and not isinstance(strategy, str):
         check_model_parallel(strategy, devices, nodes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_prune import __version__
+from lightning_prune import __version__, fsdp1
 from lightning_prune.adapters import adapter_for
 from lightning_prune.errors import ConfigError
 from lightning_prune.masks.base import MaskFamily
@@ -35,7 +36,8 @@ class PruningModule(LightningModule):
     The LM is loaded in ``configure_model`` (so strategies can shard it), every parameter is
     frozen, and the mask family attaches its learnable state to the target modules. Under
     ``ModelParallelStrategy`` every decoder layer, then the whole LM, is sharded with FSDP2
-    (``fully_shard``; see :mod:`lightning_prune.sharding`).
+    (``fully_shard``; see :mod:`lightning_prune.sharding`); under ``FSDPStrategy`` they are
+    wrapped in FSDP1 units (:mod:`lightning_prune.fsdp1`).
 
     Args:
         model: embedded model name (``smollm2-135m``), local HF folder or hub id.
@@ -69,6 +71,7 @@ class PruningModule(LightningModule):
         if init_mask is not None:
             get_registry().info("initializers", initializer_name(init_mask))  # fail early
         self.model: torch.nn.Module | None = None
+        self.fsdp1_layout: fsdp1.FSDP1Layout | None = None  # set when wrapped in FSDP1
         self.strict_loading = False  # checkpoints hold the learnable state only
         self.register_state_dict_post_hook(_keep_learned_state)
 
@@ -100,6 +103,10 @@ class PruningModule(LightningModule):
             self.apply_initializer(self.init_mask)  # same data on every rank: same masks
         if mesh is not None:
             shard_model(model, adapter, self.mask_family, mesh)
+        elif self._trainer is not None and fsdp1.is_fsdp1(self.trainer.strategy):
+            layout = fsdp1.wrap_model(model, adapter, self.mask_family, self.trainer.strategy)
+            fsdp1.check_regularizers(self.regularizers, layout)
+            self.model, self.fsdp1_layout = layout.root, layout
         if sharded_load:
             materialize_shards(model, self.model_name, self.device_for_shards())
             self.mask_family.reset_state()
@@ -147,19 +154,19 @@ class PruningModule(LightningModule):
             return  # "last", "hpc" and missing files: Lightning reports them
         from lightning_prune.checkpoints import (
             check_resume_layout,
+            check_sharded_strategy,
             is_sharded_checkpoint,
             read_checkpoint_header,
         )
 
         check_checkpoint(read_checkpoint_header(ckpt_path), self)
         fsdp2 = isinstance(trainer.strategy, ModelParallelStrategy)
+        on_fsdp1 = fsdp1.is_fsdp1(trainer.strategy)
+        world = trainer.num_devices * trainer.num_nodes
         if resume:
-            check_resume_layout(ckpt_path, fsdp2, trainer.num_devices * trainer.num_nodes)
-        elif is_sharded_checkpoint(ckpt_path) and not fsdp2:
-            raise ConfigError(
-                f"ckpt_path: '{ckpt_path}' is a sharded checkpoint; validate it with "
-                "ModelParallelStrategy (configs/fsdp2.yaml, devices: 1 works) or export it"
-            )
+            check_resume_layout(ckpt_path, fsdp2, world, fsdp1=on_fsdp1)
+        elif is_sharded_checkpoint(ckpt_path):
+            check_sharded_strategy(ckpt_path, fsdp2, on_fsdp1)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -194,18 +201,32 @@ class PruningModule(LightningModule):
             if not regularizer.has_prox:
                 total = total + regularizer.penalty(self.mask_family)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss
-        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+        if self._log_step() and not self._gathers():
             self._log_regularizers()
         return total
 
+    def _log_step(self) -> bool:
+        return self.global_step % max(self.trainer.log_every_n_steps, 1) == 0
+
+    def _gathers(self) -> bool:
+        """Whether whole N:M groups need an FSDP1 unit gathered (never inside the forward or
+        backward: the regularizers are then logged before the optimizer step)."""
+        return self.fsdp1_layout is not None and self.fsdp1_layout.gathers
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self._log_step() and self._gathers():  # the surrogates are unchanged since the loss
+            self._log_regularizers()
+
+    def whole_group_views(self, writeback: bool = True) -> Iterator[MaskFamily]:
+        """The mask family with whole N:M groups, for a prox: itself, or under FSDP1 one view
+        per FSDP unit while that unit is gathered (see :func:`fsdp1.whole_group_views`)."""
+        return fsdp1.whole_group_views(self.mask_family, self.fsdp1_layout, writeback)
+
     def _log_regularizers(self) -> None:
-        values: dict[str, float] = {}
+        values = fsdp1.regularizer_values(self.regularizers, self.mask_family, self.fsdp1_layout)
         for regularizer in self.regularizers:
-            key = type(regularizer).__name__
-            values[f"reg/{key}"] = float(regularizer.penalty(self.mask_family))
-            values.update({f"reg/{k}": v for k, v in regularizer.metrics(self.mask_family).items()})
             if hasattr(regularizer, "lam"):
-                values[f"reg/{key}_lambda"] = regularizer.lam
+                values[f"reg/{type(regularizer).__name__}_lambda"] = regularizer.lam
         values["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         values.update(self.solver.metrics(self))
         self.log_dict(values, prog_bar=False)
@@ -216,13 +237,27 @@ class PruningModule(LightningModule):
     def on_after_backward(self) -> None:
         if self._device_mesh is not None:  # FSDP2 reduces only the parameters it shards
             all_reduce_replicated_grads(self)
+        elif self.fsdp1_layout is not None:  # FSDP1 ignores the replicated mask state
+            all_reduce_replicated_grads(self, self._replicated_fsdp1())
+
+    def _replicated_fsdp1(self) -> list[torch.nn.Parameter]:
+        """What FSDP1 leaves whole: its ignored states and the trainable parameters outside
+        the LM (e.g. the family's learned per-type targets)."""
+        params = {id(p): p for p in self.fsdp1_layout.replicated}
+        for name, param in self.named_parameters():
+            if param.requires_grad and name.split(".")[0] != "model":
+                params.setdefault(id(param), param)
+        return list(params.values())
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.solver.grad_clip
-        if clip:
-            self.clip_gradients(optimizer, clip, gradient_clip_algorithm or "norm")
+        algorithm = gradient_clip_algorithm or "norm"
+        if clip and self.fsdp1_layout is not None and algorithm == "norm":
+            fsdp1.clip_grad_norm_(self, self.fsdp1_layout, clip)  # Lightning refuses it
+        elif clip:
+            self.clip_gradients(optimizer, clip, algorithm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -230,7 +265,7 @@ class PruningModule(LightningModule):
 
     # -- validation: the mask that would ship -------------------------------------------------
     def on_validation_start(self) -> None:
-        self.mask_family.harden()
+        fsdp1.harden(self.mask_family, self.fsdp1_layout)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch["input_ids"], batch["labels"]).loss
@@ -257,7 +292,7 @@ class PruningModule(LightningModule):
 
     def learned_state_keys(self) -> set[str]:
         """State-dict keys a checkpoint keeps: trainable tensors, replaced W0s and biases."""
-        keys = {n for n, p in self.named_parameters() if p.requires_grad}
+        keys = learnable_names(self)
         family = self.mask_family
         keys |= {  # W0 replaced by a one-shot method's updated weights (SparseGPT)
             f"model.{name}.parametrizations.weight.original"
@@ -270,17 +305,19 @@ class PruningModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.learned_state_keys()
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if k in keep
-        }
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["lightning_prune"] = self.fingerprint()
         checkpoint["lightning_prune_layout"] = {
             "fsdp2": self._device_mesh is not None,
             "world_size": self.trainer.world_size if self._trainer is not None else 1,
         }
+        if self.fsdp1_layout is not None:
+            checkpoint["lightning_prune_layout"]["fsdp1"] = True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint(checkpoint, self)
+        if self.fsdp1_layout is not None and self._trainer is not None:
+            fsdp1.unshard_optimizer_states(self.trainer.optimizers)  # loaded by the strategy
 
 
 def _keep_learned_state(module: PruningModule, state_dict: dict, prefix: str, metadata) -> None:
@@ -291,6 +328,11 @@ def _keep_learned_state(module: PruningModule, state_dict: dict, prefix: str, me
     keep = module.learned_state_keys()
     for key in [k for k in state_dict if k not in keep]:
         del state_dict[key]
+
+
+def learnable_names(module: torch.nn.Module) -> set[str]:
+    """State-dict names of the trainable parameters (FSDP1's wrapper prefixes removed)."""
+    return {fsdp1.clean_name(n) for n, p in module.named_parameters() if p.requires_grad}
 
 
 def check_checkpoint(checkpoint: dict[str, Any], module: PruningModule) -> None:
@@ -315,7 +357,7 @@ def check_checkpoint(checkpoint: dict[str, Any], module: PruningModule) -> None:
         )
     if "state_dict" not in checkpoint:  # a header, or FSDP2 already loaded the shards
         return
-    expected = {n for n, p in module.named_parameters() if p.requires_grad}
+    expected = learnable_names(module)
     missing = expected - set(checkpoint["state_dict"])
     if missing:
         raise ConfigError(

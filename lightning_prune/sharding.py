@@ -124,17 +124,19 @@ def check_whole_groups(family: MaskFamily) -> None:
                 )
 
 
-def all_reduce_replicated_grads(module: nn.Module) -> None:
+def all_reduce_replicated_grads(
+    module: nn.Module, params: list[nn.Parameter] | None = None
+) -> None:
     """Average the gradients of trainable, unsharded parameters over all ranks (FSDP2 only
-    reduces the parameters it shards)."""
+    reduces the parameters it shards). ``params`` names them where sharded parameters are
+    not DTensors (FSDP1: its ignored states and what lies outside the wrapped LM)."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
         return
+    candidates = module.parameters() if params is None else params
     grads = [
-        p.grad
-        for p in module.parameters()
-        if p.requires_grad and p.grad is not None and not is_sharded(p)
+        p.grad for p in candidates if p.requires_grad and p.grad is not None and not is_sharded(p)
     ]
     if not grads:
         return

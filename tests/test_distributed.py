@@ -1,4 +1,4 @@
-"""1 rank vs DDP 2 ranks vs FSDP2 2 ranks (CPU, gloo) on the 2-layer truncated default model.
+"""1 rank vs DDP, FSDP2 and FSDP1 on 2 ranks (CPU, gloo) on the 2-layer truncated default model.
 
 Every run sees the same global batch (2 sequences: batch_size 2 on one rank, 1 per rank on two).
 Tolerances: minimax agrees to float32 summation order (losses within 1e-5, identical masks).
@@ -6,6 +6,11 @@ Proximal: AdamW's first steps are ``lr * sign(g)`` for tiny gradients, so gradie
 in the last bits (another summation order) can move a weight by ``2 * lr`` and swap a near-tie
 inside a group; losses agree within 1e-3 and masks on >= 99.9% of entries, while the training
 itself moves far more entries than that. Each fit runs once (module-scoped fixture).
+
+FSDP1 is Lightning's ``FSDPStrategy``, which Lightning refuses on CPU: a test-only subclass
+(``tests/fixtures/cpu_fsdp.py``) runs its code path unchanged over gloo. Its fits save a full
+file (proximal) or a sharded folder (minimax) and resume on 2 ranks into the other kind, so both
+kinds are saved, resumed and exported.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from lightning_prune.checkpoints import (
     check_resume_layout,
+    check_sharded_strategy,
     consolidate_checkpoint,
     load_learned_state,
 )
@@ -30,6 +36,7 @@ from lightning_prune.module import PruningModule
 from lightning_prune.ops.nm_prox import nm_topn_mask
 
 CONFIGS = Path(__file__).parents[1] / "configs"
+FIXTURES = Path(__file__).parent / "fixtures"
 RECIPES = {
     "proximal": [
         f"--config={CONFIGS / 'proxsparse_2of4.yaml'}",
@@ -47,7 +54,17 @@ STRATEGIES = {
     "single": ["--trainer.devices=1", "--data.batch_size=2"],
     "ddp": [f"--config={CONFIGS / 'ddp.yaml'}", "--data.batch_size=1"],
     "fsdp2": [f"--config={CONFIGS / 'fsdp2.yaml'}", "--data.batch_size=1"],
+    "fsdp1": [
+        f"--config={CONFIGS / 'fsdp.yaml'}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=cpu_fsdp.CPUFSDPStrategy",  # FSDPStrategy, runnable on CPU
+        "--data.batch_size=1",
+    ],
 }
+#: what the FSDP1 fit saves; it resumes into the other kind
+FSDP1_SAVES = {"proximal": "full", "minimax": "sharded"}
+OTHER_KIND = {"full": "sharded", "sharded": "full"}
 # proximal's FSDP2 run is a simulated 2-node job: torchrun twice (node_rank 0 and 1, one process
 # each) on the loopback address, with the multi-node config and num_nodes=2
 TWO_NODES = [
@@ -66,6 +83,7 @@ ONE_RANK_FSDP2 = [  # resume a 2-rank sharded checkpoint on 1 rank: DCP reshards
     "--data.batch_size=2",
 ]
 LOSS_RTOL = {"proximal": 1e-3, "minimax": 1e-5}
+REG_COLUMN = {"proximal": "reg/nm_groups_done", "minimax": "reg/heads_expected_mean"}
 MASK_AGREEMENT = {"proximal": 0.999, "minimax": 1.0}  # share of equal mask entries
 
 
@@ -92,7 +110,7 @@ def launch(
     """Run the real console script (Lightning starts the other ranks itself), outside the
     repository folder so that only the installed package metadata is seen."""
     script = Path(sys.executable).with_name("lightning-prune")
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(FIXTURES), **(env or {})}
     result = subprocess.run(
         [str(script), *args],
         env=full_env,
@@ -188,7 +206,10 @@ def runs(request, small_model, tmp_path_factory) -> dict:
     roots = {}
     for strategy, extra in STRATEGIES.items():
         root = tmp_path_factory.mktemp(f"{solver}-{strategy}")
-        if strategy == "fsdp2" and solver == "proximal":
+        if strategy == "fsdp1":
+            kind = f"--trainer.strategy.init_args.state_dict_type={FSDP1_SAVES[solver]}"
+            launch(fit_args(solver, small_model, root, *extra, kind), cwd=root)
+        elif strategy == "fsdp2" and solver == "proximal":
             launch_two_nodes(fit_args(solver, small_model, root, *TWO_NODES), cwd=root)
         else:
             launch(fit_args(solver, small_model, root, *extra), cwd=root)
@@ -196,13 +217,14 @@ def runs(request, small_model, tmp_path_factory) -> dict:
     return {"solver": solver, "model": small_model, "roots": roots}
 
 
-def test_ddp_and_fsdp2_match_one_rank(runs) -> None:
+def test_ddp_fsdp2_and_fsdp1_match_one_rank(runs) -> None:
     solver, model, roots = runs["solver"], runs["model"], runs["roots"]
     reference = losses(roots["single"])
     assert len(reference) == 3  # 6 sequences, global batch 2
     ckpts = {s: run_dir(r) / "checkpoints" / "last.ckpt" for s, r in roots.items()}
     assert ckpts["fsdp2"].is_dir()  # sharded: one file per rank
     assert len(list(ckpts["fsdp2"].glob("*.distcp"))) == 2
+    assert_checkpoint_kind(ckpts["fsdp1"], FSDP1_SAVES[solver], fsdp1=True, world_size=2)
     modules = {s: load_module(solver, model, c) for s, c in ckpts.items()}
     masks = {s: hard_masks(m) for s, m in modules.items()}
     moved = None
@@ -210,7 +232,7 @@ def test_ddp_and_fsdp2_match_one_rank(runs) -> None:
         originals = modules["single"].mask_family.originals()
         start = {n: nm_topn_mask(w.detach(), 2, 4) for n, w in originals.items()}
         moved = disagreement(masks["single"], start)
-    for strategy in ("ddp", "fsdp2"):
+    for strategy in ("ddp", "fsdp2", "fsdp1"):
         got = losses(roots[strategy])
         assert got == pytest.approx(reference, rel=LOSS_RTOL[solver]), strategy
         val = losses(roots[strategy], "val/loss")  # hard masks, held-out windows over ranks
@@ -219,57 +241,111 @@ def test_ddp_and_fsdp2_match_one_rank(runs) -> None:
         assert differ <= 1 - MASK_AGREEMENT[solver], (strategy, differ)
         if moved is not None:
             assert moved > 20 * max(differ, 1e-5), (strategy, moved, differ)
+        # the logged regularizer metrics (FSDP1: gathered and combined one unit at a time)
+        column = REG_COLUMN[solver]
+        expected = losses(roots["single"], column)
+        assert losses(roots[strategy], column) == pytest.approx(expected, rel=1e-4), strategy
 
 
-def test_resume_from_sharded_matches_resume_from_full(runs, tmp_path) -> None:
-    """Epoch 2 resumed from the 2-rank sharded checkpoint on 1 FSDP2 rank (resharded) repeats
-    epoch 2 resumed from the single-device full checkpoint."""
+def assert_checkpoint_kind(path: Path, kind: str, fsdp1: bool, world_size: int) -> None:
+    """``path`` is a full file or a sharded folder (one ``.distcp`` a rank) with this layout."""
+    if kind == "sharded":
+        assert path.is_dir() and len(list(path.glob("*.distcp"))) == world_size, path
+        header = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    else:
+        assert path.is_file(), path
+        header = torch.load(path, map_location="cpu", weights_only=True)
+    layout = {"fsdp2": False, "world_size": world_size} | ({"fsdp1": True} if fsdp1 else {})
+    assert header["lightning_prune_layout"] == layout
+
+
+@pytest.fixture(scope="module")
+def resumed(runs, tmp_path_factory) -> dict:
+    """Epoch 2 of every run resumed: the 2-rank FSDP2 sharded checkpoint on 1 FSDP2 rank
+    (resharded, saving a full file), the single-device one on one device, and the FSDP1 one
+    under FSDP1 on 2 ranks, saving the other kind of checkpoint."""
     solver, model, roots = runs["solver"], runs["model"], runs["roots"]
-    resumed = {}
-    for source, extra in (("fsdp2", ONE_RANK_FSDP2), ("single", STRATEGIES["single"])):
-        root = tmp_path / source
+    fsdp1 = [*STRATEGIES["fsdp1"], "--trainer.strategy.init_args.state_dict_type="]
+    fsdp1[-1] += OTHER_KIND[FSDP1_SAVES[solver]]
+    sources = {"fsdp2": ONE_RANK_FSDP2, "single": STRATEGIES["single"], "fsdp1": fsdp1}
+    folders = {}
+    for source, extra in sources.items():
+        root = tmp_path_factory.mktemp(f"{solver}-{source}-resumed")
         ckpt = run_dir(roots[source]) / "checkpoints" / "last.ckpt"
         args = fit_args(
             solver, model, root, *extra, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"
         )
-        launch(args, cwd=tmp_path)
-        resumed[source] = losses(root)
-    assert len(resumed["single"]) == 3  # steps 3-5 only: the first epoch was restored
-    assert resumed["fsdp2"] == pytest.approx(resumed["single"], rel=LOSS_RTOL[solver])
-    full = run_dir(tmp_path / "fsdp2") / "checkpoints" / "last.ckpt"
-    assert full.is_file()  # save_distributed_checkpoint=false: one full file
-    header = torch.load(full, map_location="cpu", weights_only=True)
+        launch(args, cwd=root)
+        folders[source] = root
+    return {**runs, "resumed": folders}
+
+
+def test_resume_from_sharded_matches_resume_from_full(resumed) -> None:
+    """Epoch 2 resumed from the 2-rank FSDP2 sharded checkpoint on 1 FSDP2 rank (resharded), and
+    from the FSDP1 checkpoint (full or sharded) on 2 FSDP1 ranks, repeats epoch 2 resumed from
+    the single-device full checkpoint."""
+    solver, roots = resumed["solver"], resumed["resumed"]
+    reference = losses(roots["single"])
+    assert len(reference) == 3  # steps 3-5 only: the first epoch was restored
+    for source in ("fsdp2", "fsdp1"):
+        assert losses(roots[source]) == pytest.approx(reference, rel=LOSS_RTOL[solver]), source
+        val = losses(roots[source], "val/loss")
+        assert val == pytest.approx(losses(roots["single"], "val/loss"), rel=LOSS_RTOL[solver])
+    ckpt = run_dir(roots["fsdp2"]) / "checkpoints" / "last.ckpt"
+    header = torch.load(ckpt, map_location="cpu", weights_only=True)  # one full file
     assert header["lightning_prune_layout"] == {"fsdp2": True, "world_size": 1}
+    ckpt = run_dir(roots["fsdp1"]) / "checkpoints" / "last.ckpt"
+    assert_checkpoint_kind(ckpt, OTHER_KIND[FSDP1_SAVES[solver]], fsdp1=True, world_size=2)
 
 
-def test_export_from_sharded_equals_export_from_full(runs, tmp_path) -> None:
-    solver, model, roots = runs["solver"], runs["model"], runs["roots"]
+def test_export_from_sharded_equals_export_from_full(resumed, tmp_path) -> None:
+    """Exports of one run's sharded checkpoint and of its consolidated file are byte-identical
+    (FSDP2; FSDP1 for proximal). Minimax masks agree exactly, so the single-device and the
+    FSDP1 (sharded) runs export the same model as FSDP2 too."""
+    solver, model, roots = resumed["solver"], resumed["model"], resumed["roots"]
     sharded = run_dir(roots["fsdp2"]) / "checkpoints" / "last.ckpt"
     full = consolidate_checkpoint(load_module_shell(solver, model), sharded, tmp_path / "full.ckpt")
-    sources = {"sharded": sharded, "full": full}
-    if solver == "minimax":  # masks agree exactly: the single-device run exports the same model
-        sources["single"] = run_dir(roots["single"]) / "checkpoints" / "last.ckpt"
-    folders = {}
-    for label, ckpt in sources.items():
-        folders[label] = tmp_path / f"export-{label}"
-        args = [
-            "export",
-            *RECIPES[solver],
-            f"--model.model={model}",
-            f"--ckpt_path={ckpt}",
-            f"--output_dir={folders[label]}",
-        ]
-        launch(args, cwd=tmp_path)
-    reference = folders.pop("sharded")
+    groups = [{"sharded": sharded, "full": full}]
+    if solver == "minimax":
+        groups[0]["single"] = run_dir(roots["single"]) / "checkpoints" / "last.ckpt"
+        groups[0]["fsdp1"] = run_dir(roots["fsdp1"]) / "checkpoints" / "last.ckpt"
+    else:  # the FSDP1 fit saved a full file; its resumed run a sharded folder
+        fsdp1 = run_dir(resumed["resumed"]["fsdp1"]) / "checkpoints" / "last.ckpt"
+        assert fsdp1.is_dir()
+        shell = load_module_shell(solver, model)
+        fsdp1_full = consolidate_checkpoint(shell, fsdp1, tmp_path / "fsdp1-full.ckpt")
+        groups.append({"fsdp1-sharded": fsdp1, "fsdp1-full": fsdp1_full})
+    for group in groups:
+        folders = {label: export(solver, model, ckpt, tmp_path) for label, ckpt in group.items()}
+        assert_same_files(folders)
+
+
+def export(solver: str, model: str, ckpt: Path, tmp_path: Path) -> Path:
+    """``lightning-prune export`` of ``ckpt`` into a new folder of ``tmp_path``."""
+    folder = tmp_path / f"export-{len(list(tmp_path.glob('export-*')))}"
+    args = [
+        "export",
+        *RECIPES[solver],
+        f"--model.model={model}",
+        f"--ckpt_path={ckpt}",
+        f"--output_dir={folder}",
+    ]
+    launch(args, cwd=tmp_path)
+    return folder
+
+
+def assert_same_files(folders: dict[str, Path]) -> None:
+    """Every export folder holds the same files, byte for byte (but the run config)."""
+    (first, reference), *others = folders.items()
     names = sorted(p.name for p in reference.iterdir())
     assert "model.safetensors" in names and "pruning.json" in names
-    for label, folder in folders.items():
+    for label, folder in others:
         assert sorted(p.name for p in folder.iterdir()) == names, label
         for name in names:
             a, b = (reference / name).read_bytes(), (folder / name).read_bytes()
             if name == "pruning.json":  # the run config names the checkpoint path
                 a, b = (_without_config(json.loads(x)) for x in (a, b))
-            assert a == b, (label, name)
+            assert a == b, (first, label, name)
 
 
 def _without_config(record: dict) -> dict:
@@ -287,6 +363,22 @@ def test_resume_refuses_checkpoints_it_cannot_reshard(runs, tmp_path) -> None:
     full = consolidate_checkpoint(load_module_shell(solver, model), sharded, tmp_path / "c.ckpt")
     with pytest.raises(ConfigError, match="holds no optimizer state"):
         check_resume_layout(full, fsdp2=True, world_size=2)
+    # FSDP1 checkpoints (full or sharded) resume under FSDPStrategy only, and only they do
+    fsdp1 = run_dir(roots["fsdp1"]) / "checkpoints" / "last.ckpt"
+    check_resume_layout(fsdp1, fsdp2=False, world_size=4, fsdp1=True)
+    saved_by_fsdp1 = r"saved by FSDPStrategy \(FSDP1\) on 2 rank\(s\); resume it with FSDPStrategy"
+    for fsdp2, world in ((True, 2), (False, 1)):
+        with pytest.raises(ConfigError, match=saved_by_fsdp1):
+            check_resume_layout(fsdp1, fsdp2=fsdp2, world_size=world)
+    for ckpt, saved_by in ((sharded, "FSDP2"), (single, "an unsharded strategy")):
+        with pytest.raises(ConfigError, match=f"saved by {saved_by}.*onto FSDPStrategy"):
+            check_resume_layout(ckpt, fsdp2=False, world_size=2, fsdp1=True)
+    with pytest.raises(ConfigError, match="validate it with ModelParallelStrategy"):
+        check_sharded_strategy(sharded, fsdp2=False, fsdp1=True)
+    if fsdp1.is_dir():
+        check_sharded_strategy(fsdp1, fsdp2=False, fsdp1=True)
+        with pytest.raises(ConfigError, match="validate it with FSDPStrategy"):
+            check_sharded_strategy(fsdp1, fsdp2=True, fsdp1=False)
     # through the CLI: refused in setup, before the LM is loaded
     args = fit_args(solver, model, tmp_path, *STRATEGIES["single"], f"--ckpt_path={sharded}")
     script = Path(sys.executable).with_name("lightning-prune")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from lightning_prune.cli import main
 from lightning_prune.errors import ConfigError
@@ -70,6 +70,39 @@ def test_gpu_only_strategy_fails_in_the_cli_before_the_model_is_read(capsys) -> 
     error = capsys.readouterr().err.strip().splitlines()[-1]  # the only error: the strategy
     assert error.startswith("lightning-prune: error: trainer.strategy: 'fsdp' needs CUDA GPUs")
     assert "fsdp2.yaml" in error
+
+
+def test_fsdp1_config_is_refused_on_cpu_with_the_fsdp2_overlay_named(capsys) -> None:
+    """configs/fsdp.yaml (FSDPStrategy) on a CPU machine: refused before the model is read."""
+    args = [
+        "fit",
+        f"--config={CONFIGS / 'proxsparse_2of4.yaml'}",
+        f"--config={CONFIGS / 'fsdp.yaml'}",
+        "--model.model=/nonexistent/model",
+        "--trainer.accelerator=cpu",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "trainer.strategy: 'fsdpstrategy' needs CUDA GPUs (Lightning's FSDPStrategy" in error
+    assert "configs/fsdp2.yaml" in error
+
+
+def test_fsdp1_is_accepted_on_gpus_with_what_it_needs(monkeypatch) -> None:
+    """On a CUDA machine FSDPStrategy passes, unless it cannot shard or train the surrogates."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    gpus = {"accelerator": "gpu", "devices": 8, "num_nodes": 2}
+    check_trainer_config({**gpus, "strategy": "fsdp"}, {})
+    check_trainer_config({**gpus, "strategy": FSDPStrategy(state_dict_type="sharded")}, {})
+    refused = [
+        ({"strategy": FSDPStrategy(use_orig_params=False)}, "init_args.use_orig_params: false"),
+        ({"strategy": FSDPStrategy(sharding_strategy="NO_SHARD")}, "NO_SHARD replicates"),
+        ({"strategy": "fsdp", "devices": 1, "num_nodes": 1}, "devices x trainer.num_nodes: 1"),
+    ]
+    for override, message in refused:
+        with pytest.raises(ConfigError, match=message):
+            check_trainer_config({**gpus, **override}, {})
 
 
 def test_shards_that_cut_nm_groups_are_found() -> None:

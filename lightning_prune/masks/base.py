@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -125,6 +126,13 @@ class MaskFamily(ABC):
         """Mask parameters kept whole on every rank under FSDP2 (small state that is read
         outside its layer's forward, e.g. gate logits and Lagrange multipliers)."""
         return []
+
+    def subset(self, names: list[str]) -> MaskFamily:
+        """A shallow copy of this family that sees only the targets ``names`` (e.g. those of
+        one FSDP1 unit); the mask state is shared, not copied."""
+        view = copy.copy(self)
+        view._targets = {name: self._targets[name] for name in names}
+        return view
 
     def parametrizations(self) -> dict[str, nn.Module]:
         """The mask parametrization of every target, by module name."""

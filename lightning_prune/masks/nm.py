@@ -25,6 +25,7 @@ class NMSurrogate(MaskParametrization):
         super().__init__()
         self.n, self.m, self.transposed = n, m, transposed
         self.surrogate = nn.Parameter(weight.detach().clone(), requires_grad=True)
+        self.weight_shape = tuple(weight.shape)
         self.w0_rms = 0.0 if weight.is_meta else weight.detach().float().pow(2).mean().sqrt().item()
 
     @torch.no_grad()
@@ -52,11 +53,17 @@ class NMSurrogate(MaskParametrization):
 
         On an FSDP2-sharded surrogate (outside the layer's forward) this is the mask of this
         rank's shard; inside the forward the surrogate is gathered and the mask is whole.
+        FSDP1 slices are not whole groups: gather the unit first (``lightning_prune.fsdp1``).
         """
         return self.rows(nm_topn_mask(self.local_rows(), self.n, self.m))
 
+    def is_whole(self) -> bool:
+        """Whether this rank holds the whole surrogate (not an FSDP2 shard, nor FSDP1's flat
+        slice outside the forward)."""
+        return not is_sharded(self.surrogate) and tuple(self.surrogate.shape) == self.weight_shape
+
     def set_mode(self, mode: str) -> None:
-        if is_sharded(self.surrogate):  # no full-size cache per rank: the forward computes it
+        if not self.is_whole():  # no full-size cache per rank: the forward computes it
             self.mode = mode
             self.final_mask = torch.empty(0, dtype=torch.bool, device=self.final_mask.device)
             return

@@ -60,6 +60,7 @@ class ProximalSolver(Solver):
 
     def after_optimizer_step(self, module: PruningModule) -> None:
         lr = module.trainer.optimizers[0].param_groups[0]["lr"]
-        for regularizer in module.regularizers:
-            if regularizer.has_prox:
-                regularizer.prox_(module.mask_family, lr)
+        proxes = [r for r in module.regularizers if r.has_prox]
+        for family in module.whole_group_views() if proxes else ():  # FSDP1: a unit at a time
+            for regularizer in proxes:
+                regularizer.prox_(family, lr)

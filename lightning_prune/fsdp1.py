@@ -127,9 +127,6 @@ def wrap_model(
     root = FSDP(
         model, auto_wrap_policy=policy, ignored_states=ignored or None, **fsdp_kwargs(strategy)
     )
-    device = strategy.root_device
-    for param in ignored:  # FSDP moves only what it manages
-        param.data = param.data.to(device)
     ignored_ids = {id(p) for p in ignored}
     gathers = any(
         p.requires_grad and id(p) not in ignored_ids
@@ -188,6 +185,7 @@ def harden(family: MaskFamily, layout: FSDP1Layout | None) -> None:
         view.verify()
 
 
+@torch.no_grad()
 def regularizer_values(
     regularizers: list[Regularizer], family: MaskFamily, layout: FSDP1Layout | None
 ) -> dict[str, float]:

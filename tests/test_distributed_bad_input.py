@@ -105,6 +105,22 @@ def test_fsdp1_is_accepted_on_gpus_with_what_it_needs(monkeypatch) -> None:
             check_trainer_config({**gpus, **override}, {})
 
 
+def test_fsdp1_refuses_smooth_terms_of_sharded_surrogates() -> None:
+    """Under FSDP1 the surrogates are flat slices outside the forward: a smooth regularizer of
+    them (weight_anchor) is refused; the prox-only N:M regularizer is fine."""
+    from torch import nn
+
+    from lightning_prune.fsdp1 import FSDP1Layout, check_regularizers
+    from lightning_prune.regularizers.nm_sparsity import NMSparsityRegularizer
+    from lightning_prune.regularizers.weight_anchor import WeightAnchorRegularizer
+
+    sharded = FSDP1Layout(root=nn.Module(), gathers=True)
+    check_regularizers([NMSparsityRegularizer()], sharded)
+    check_regularizers([WeightAnchorRegularizer()], FSDP1Layout(root=nn.Module()))  # replicated
+    with pytest.raises(ConfigError, match="model.regularizers: WeightAnchorRegularizer"):
+        check_regularizers([NMSparsityRegularizer(), WeightAnchorRegularizer()], sharded)
+
+
 def test_shards_that_cut_nm_groups_are_found() -> None:
     assert shard_bounds(64, 3) == [(0, 22), (22, 44), (44, 64)]
     assert straddling_rank(64, 3, 4) == 0  # 22 rows: a group of 4 is cut

@@ -33,6 +33,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 5e-3, 7e-3, 1e-2])
     parser.add_argument("--init", default="wanda", help="one-shot warm start, or 'none' (W0)")
     parser.add_argument("--lam", type=float, default=0.1, help="scale-free λ of nm_sparsity")
+    parser.add_argument(
+        "--lr-scale",
+        default="absolute",
+        choices=["absolute", "weight_rms"],
+        help="proximal.lr_scale: weight_rms gives each layer lr · rms(W0)",
+    )
     parser.add_argument("--samples", type=int, default=40, help="calibration sequences")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=4096)
@@ -50,13 +56,13 @@ def fit_and_measure(
     seed_everything(0)
     module = PruningModule(
         NMMaskFamily(2, 4),
-        ProximalSolver(lr=lr),
+        ProximalSolver(lr=lr, lr_scale=args.lr_scale),
         [NMSparsityRegularizer(lam=args.lam, lam_mode="scale_free")],
         model=args.model,
         init_mask=None if args.init == "none" else args.init,
     )
     seconds = fit_one_epoch(module, data)
-    row = {"lr": lr, "init": args.init, "fit_seconds": seconds}
+    row = {"lr": lr, "lr_scale": args.lr_scale, "init": args.init, "fit_seconds": seconds}
     module.mask_family.harden()
     for name, windows in sources.items():
         row[name] = perplexity(module.model, windows, desc=f"lr={lr:g}/{name}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -22,6 +22,10 @@ class ProximalSolver(Solver):
 
     Args:
         lr: peak learning rate of the surrogate weights.
+        lr_scale: ``absolute`` uses ``lr`` for every surrogate (the reference). ``weight_rms``
+            gives each layer's surrogate ``lr · rms(W0)``: AdamW moves every weight by about its
+            learning rate per step, so this makes a step the same share of each layer's weight
+            scale, and one ``lr`` serves models whose weights differ in scale.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
         warmup_ratio: share of the steps spent warming up.
@@ -31,6 +35,7 @@ class ProximalSolver(Solver):
     def __init__(
         self,
         lr: float = 1e-4,
+        lr_scale: Literal["absolute", "weight_rms"] = "absolute",
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.1,
@@ -38,9 +43,14 @@ class ProximalSolver(Solver):
     ):
         if not lr > 0:
             raise ConfigError(f"solver proximal.lr: expected a value > 0, got {lr}")
+        if lr_scale not in ("absolute", "weight_rms"):
+            raise ConfigError(
+                f"solver proximal.lr_scale: expected 'absolute' or 'weight_rms', got {lr_scale!r}"
+            )
         if not 0 <= warmup_ratio < 1:
             raise ConfigError(f"solver proximal.warmup_ratio: expected [0, 1), got {warmup_ratio}")
-        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.lr, self.lr_scale = lr, lr_scale
+        self.weight_decay, self.betas = weight_decay, tuple(betas)
         self.warmup_ratio = warmup_ratio
         self.grad_clip = check_grad_clip("proximal", grad_clip)
 
@@ -49,7 +59,7 @@ class ProximalSolver(Solver):
         if not params:
             raise ConfigError("solver proximal: the mask family exposes no trainable parameters")
         optimizer = torch.optim.AdamW(
-            params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
+            self.param_groups(module, params), betas=self.betas, weight_decay=self.weight_decay
         )
         total = max(int(module.trainer.estimated_stepping_batches), 1)
         scheduler = LambdaLR(optimizer, warmup_linear_decay(total, int(self.warmup_ratio * total)))
@@ -58,8 +68,26 @@ class ProximalSolver(Solver):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def param_groups(self, module: PruningModule, params: list) -> list[dict[str, Any]]:
+        """One group at ``lr`` (``absolute``), or one per surrogate at ``lr · rms(W0)``."""
+        if self.lr_scale == "absolute":
+            return [{"params": params, "lr": self.lr}]
+        scale = {
+            id(p.surrogate): p.w0_rms
+            for p in module.mask_family.parametrizations().values()
+            if hasattr(p, "surrogate")
+        }
+        unscaled = [p for p in params if id(p) not in scale]
+        if unscaled:
+            raise ConfigError(
+                "solver proximal.lr_scale: 'weight_rms' scales surrogate weights only, but "
+                f"{len(unscaled)} trainable parameter(s) are not surrogates; use 'absolute'"
+            )
+        return [{"params": [p], "lr": self.lr * scale[id(p)]} for p in params]
+
     def after_optimizer_step(self, module: PruningModule) -> None:
-        lr = module.trainer.optimizers[0].param_groups[0]["lr"]
+        group = module.trainer.optimizers[0].param_groups[0]
+        lr = self.lr * group["lr"] / group["initial_lr"]  # the base lr on its schedule
         proxes = [r for r in module.regularizers if r.has_prox]
         for family in module.whole_group_views() if proxes else ():  # FSDP1: a unit at a time
             for regularizer in proxes:

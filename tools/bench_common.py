@@ -27,12 +27,10 @@ def calibration_data(
     return data, sources
 
 
-def fit_one_epoch(
-    module: LightningModule, data: CalibrationDataModule, progress_bar: bool = False
-) -> float:
-    """One epoch over the calibration windows on CPU, nothing logged or saved; returns seconds."""
-    trainer = Trainer(
-        max_epochs=1,
+def cpu_trainer(epochs: int = 1, progress_bar: bool = False) -> Trainer:
+    """A one-device CPU trainer that logs, validates and saves nothing."""
+    return Trainer(
+        max_epochs=epochs,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -42,6 +40,13 @@ def fit_one_epoch(
         enable_model_summary=False,
         enable_progress_bar=progress_bar,
     )
+
+
+def fit_one_epoch(
+    module: LightningModule, data: CalibrationDataModule, progress_bar: bool = False
+) -> float:
+    """One epoch over the calibration windows on CPU, nothing logged or saved; returns seconds."""
+    trainer = cpu_trainer(progress_bar=progress_bar)
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     return time.perf_counter() - started

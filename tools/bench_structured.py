@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_common import calibration_data, fit_one_epoch
-from lightning.pytorch import Trainer, seed_everything
+from bench_common import calibration_data, cpu_trainer, fit_one_epoch
+from lightning.pytorch import seed_everything
 from oneshot_rows import one_shot_mask
 
 from lightning_prune.evaluation import format_table, perplexity, write_json
@@ -86,16 +86,7 @@ def recovered_row(module, data, sources, args) -> dict:
             lora_rank=args.lora_rank,
             lora_alpha=2.0 * args.lora_rank,
         )
-        trainer = Trainer(
-            max_epochs=args.recovery_epochs,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            enable_model_summary=False,
-        )
+        trainer = cpu_trainer(args.recovery_epochs, progress_bar=True)
         trainer.fit(recovery, datamodule=data)
         recovery.write_export(trainer.global_step)
         model = AutoModelForCausalLM.from_pretrained(recovered).eval()

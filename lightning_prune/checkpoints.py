@@ -1,14 +1,23 @@
-"""Load a fit checkpoint's learnable state without unpickling arbitrary objects."""
+"""Read fit checkpoints (files and sharded folders) through one guarded path.
+
+Nothing from a checkpoint is ever unpickled: files are read with ``torch.load(weights_only=
+True)``; a sharded folder is verified by :func:`lightning_prune.dcp_guard.verify_sharded_folder`
+before torch's distributed checkpoint reader sees it. :func:`read_checkpoint` then checks the
+model's identity (shapes, config, weights digest), the mask family and that every learned
+tensor is finite, before export, evaluate or report use the state.
+"""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lightning_prune.dcp_guard import META_NAME, verify_sharded_folder
 from lightning_prune.errors import ConfigError, MissingPathError
-from lightning_prune.module import PruningModule, check_checkpoint
+from lightning_prune.module import PruningModule, check_checkpoint, check_finite_state
 
 #: how each kind of run is named in errors, and what resumes its checkpoints
 SAVED_BY = {
@@ -26,9 +35,9 @@ SHARDED_PREFIX = {"fsdp1": "model.", "fsdp2": "state_dict."}
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a distributed (sharded) checkpoint folder (FSDP2 or FSDP1, one file
-    a rank)."""
-    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+    """Whether ``path`` is read as a distributed (sharded) checkpoint folder (FSDP2 or FSDP1,
+    one file a rank): any folder is, and is verified before anything of it is read."""
+    return Path(path).is_dir()
 
 
 def saved_sharding(header: dict[str, Any]) -> str:
@@ -44,15 +53,82 @@ def current_sharding(fsdp2: bool, fsdp1: bool) -> str:
     return "fsdp1" if fsdp1 else "fsdp2" if fsdp2 else "unsharded"
 
 
+def unreadable(path: str | Path, err: BaseException) -> ConfigError:
+    """The error for a checkpoint file that ``torch.load(..., weights_only=True)`` refused."""
+    if isinstance(err, pickle.UnpicklingError):
+        return ConfigError(
+            f"ckpt_path: '{path}' is not a readable checkpoint: it holds objects other than "
+            "tensors and plain values, and checkpoints are never unpickled"
+        )
+    text = str(err).strip()
+    first_line = text.splitlines()[0] if text else type(err).__name__
+    return ConfigError(
+        f"ckpt_path: '{path}' is not a readable checkpoint (truncated or not a torch file: "
+        f"{first_line})"
+    )
+
+
+def _load_file(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of a checkpoint file, refusing anything but a dict."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:
+        raise unreadable(path, err) from err
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"ckpt_path: '{path}' is not a lightning-prune checkpoint")
+    return checkpoint
+
+
+def _verify_folder(path: Path) -> Any:
+    """Verify a sharded checkpoint folder (see :mod:`lightning_prune.dcp_guard`); return its
+    DCP ``Metadata``. An empty folder is named as such."""
+    if not any(path.iterdir()):
+        raise ConfigError(
+            f"ckpt_path: '{path}' is an empty folder, not a checkpoint (expected a checkpoint "
+            f"file, or a sharded checkpoint folder holding {META_NAME}, .metadata and .distcp "
+            "files)"
+        )
+    return verify_sharded_folder(path)
+
+
 def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
     """Everything but the tensors' data of a fit checkpoint (file or sharded folder): the
-    fingerprint and the layout it was saved with. Memory-maps a file, reads nothing large."""
+    fingerprint and the layout it was saved with. Memory-maps a file, reads nothing large; a
+    folder is verified first."""
     path = Path(path)
-    target = path / "meta.pt" if is_sharded_checkpoint(path) else path
-    try:
-        return torch.load(target, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise ConfigError(f"ckpt_path: '{path}' is not a readable checkpoint ({err})") from err
+    if is_sharded_checkpoint(path):
+        _verify_folder(path)
+        return _load_file(path / META_NAME, mmap=True)
+    if not path.is_file():
+        raise MissingPathError(f"ckpt_path: '{path}' does not exist")
+    return _load_file(path, mmap=True)
+
+
+def check_stored_hyperparameters(path: str | Path, model_config: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose stored Lightning ``hyper_parameters`` contradict the model
+    section of the config (``model.model`` above all).
+
+    LightningCLI would merge them over the command line and silently load another model;
+    lightning-prune never merges them (its checkpoints store none), so the command line
+    always decides, and a contradiction is an error naming each field.
+    """
+    stored = read_checkpoint_header(path).get("hyper_parameters") or {}
+    if not isinstance(stored, dict):
+        raise ConfigError(f"ckpt_path: '{path}' holds hyper_parameters that are not a mapping")
+    plain = (str, int, float, bool)
+    wrong = {
+        key: (value, model_config[key])
+        for key, value in stored.items()
+        if key in model_config and isinstance(value, plain) and value != model_config[key]
+    }
+    if wrong:
+        detail = ", ".join(
+            f"model.{k}: checkpoint {a!r} vs command line {b!r}" for k, (a, b) in wrong.items()
+        )
+        raise ConfigError(
+            f"ckpt_path: '{path}' stores hyperparameters that contradict the config ({detail}); "
+            "settings are never taken from a checkpoint: give the ones it was made with"
+        )
 
 
 def check_resume_layout(
@@ -99,34 +175,66 @@ def check_sharded_strategy(path: str | Path, fsdp2: bool, fsdp1: bool) -> None:
         )
 
 
-def read_sharded_checkpoint(module: PruningModule, path: str | Path) -> dict[str, Any]:
-    """Consolidate a sharded checkpoint into one process: the learned state as whole tensors,
-    plus the metadata (``meta.pt``). Works without a process group, at any world size."""
+def read_sharded_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The metadata (``meta.pt``) and the learned state, as whole tensors, of a sharded
+    checkpoint folder, after verifying it. Works without a process group, at any world size."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = Path(path)
-    meta = path / "meta.pt"
-    if not meta.is_file():
-        raise ConfigError(f"ckpt_path: sharded checkpoint '{path}' has no meta.pt")
-    try:
-        checkpoint = torch.load(meta, map_location="cpu", weights_only=True)
-        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as err:
-        raise ConfigError(f"ckpt_path: '{path}' is not a readable checkpoint ({err})") from err
-    module.configure_model()
+    metadata = _verify_folder(path)
+    checkpoint = _load_file(path / META_NAME)
     prefix = SHARDED_PREFIX["fsdp1" if saved_sharding(checkpoint) == "fsdp1" else "fsdp2"]
-    saved = {k.removeprefix(prefix) for k in stored if k.startswith(prefix)}
-    state = {k: v.detach().clone() for k, v in module.state_dict().items() if k in saved}
-    dcp.load({prefix[:-1]: state}, checkpoint_id=str(path))
-    checkpoint["state_dict"] = state
+    state = {
+        key.removeprefix(prefix): torch.empty(tuple(kind.size), dtype=kind.properties.dtype)
+        for key, kind in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(kind, TensorStorageMetadata)
+    }
+    try:
+        dcp.load({prefix[:-1]: state}, checkpoint_id=str(path))
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"ckpt_path: '{path}': its shards are unreadable ({first})") from err
+    return checkpoint, state
+
+
+def read_checkpoint(module: PruningModule, ckpt_path: str | Path) -> dict[str, Any]:
+    """A fit checkpoint (file or sharded folder) with its learned state as whole tensors,
+    checked against ``module`` (identity, mask family, learnable tensors, finite values).
+
+    Builds the module's model. The one way export, evaluate and report read a checkpoint.
+    """
+    path = Path(ckpt_path)
+    if is_sharded_checkpoint(path):
+        checkpoint, state = read_sharded_state(path)
+        checkpoint["state_dict"] = state
+    elif not path.is_file():
+        raise MissingPathError(f"ckpt_path: '{path}' does not exist")
+    else:
+        checkpoint = _load_file(path)
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise ConfigError(f"ckpt_path: '{path}' holds no state_dict")
+    module.configure_model()
+    check_checkpoint(checkpoint, module)
     return checkpoint
+
+
+def check_checkpoint_usable(path: str | Path) -> None:
+    """Without a model: refuse a checkpoint that is unreadable, unsafe (see
+    :func:`read_checkpoint_header`) or holds a non-finite learned value."""
+    if is_sharded_checkpoint(path):
+        _, state = read_sharded_state(path)
+    else:
+        state = read_checkpoint_header(path).get("state_dict")
+        if not isinstance(state, dict):
+            raise ConfigError(f"ckpt_path: '{path}' holds no state_dict")
+    check_finite_state(state)
 
 
 def consolidate_checkpoint(module: PruningModule, sharded: str | Path, output: str | Path) -> Path:
     """Write a sharded checkpoint folder as one full checkpoint file (learned state, metadata;
     the optimizer state stays in the folder, so the file serves export/evaluate)."""
-    checkpoint = read_sharded_checkpoint(module, sharded)
-    check_checkpoint(checkpoint, module)
+    checkpoint = read_checkpoint(module, sharded)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")
@@ -136,24 +244,12 @@ def consolidate_checkpoint(module: PruningModule, sharded: str | Path, output: s
 
 
 def load_learned_state(module: PruningModule, ckpt_path: str | Path) -> None:
-    """Build the module's model and load a fit checkpoint into it (``weights_only`` loading).
+    """Build the module's model and load a fit checkpoint into it (see :func:`read_checkpoint`).
 
     ``ckpt_path`` is a single-file checkpoint or a sharded (distributed) checkpoint folder.
     """
-    path = Path(ckpt_path)
-    if is_sharded_checkpoint(path):
-        checkpoint = read_sharded_checkpoint(module, path)
-        check_checkpoint(checkpoint, module)
-        module.load_state_dict(checkpoint["state_dict"], strict=False)
-        return
-    if not path.is_file():
-        raise MissingPathError(f"ckpt_path: '{path}' does not exist")
+    checkpoint = read_checkpoint(module, ckpt_path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(f"ckpt_path: '{path}' is not a readable checkpoint ({err})") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"ckpt_path: '{path}' holds no state_dict")
-    module.configure_model()
-    check_checkpoint(checkpoint, module)
-    module.load_state_dict(checkpoint["state_dict"], strict=False)
+        module.load_state_dict(checkpoint["state_dict"], strict=False)
+    except RuntimeError as err:
+        raise ConfigError(f"ckpt_path: '{ckpt_path}' does not fit the model ({err})") from err

@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import os
-import pickle
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from lightning_prune.callbacks import NumericGuard, ResumeState
 from lightning_prune.checkpoint_io import SafeCheckpointIO
+from lightning_prune.checkpoints import check_stored_hyperparameters
 from lightning_prune.cli_names import install_short_names
 from lightning_prune.commands import run_evaluate, run_export
 from lightning_prune.data.datamodule import CalibrationDataModule
-from lightning_prune.errors import ConfigError, LightningPruneError
+from lightning_prune.errors import ConfigError, LightningPruneError, debug_requested
 from lightning_prune.launch_checks import check_trainer_config
+from lightning_prune.loggers import ClaimedVersionCSVLogger
 from lightning_prune.module import PruningModule
 from lightning_prune.registry import get_registry
 
@@ -32,11 +34,13 @@ class PruningTrainer(Trainer):
         """Lightning's ``Trainer``; the default logger is CSV (``trainer.logger`` picks others).
 
         Lightning's own default switches to TensorBoard whenever it is installed; the CSV
-        files under ``default_root_dir/lightning_logs`` are what ``report`` reads.
+        files under ``default_root_dir/lightning_logs`` are what ``report`` reads. Its
+        ``version_N`` folder is claimed atomically, so fits started at once in one
+        ``default_root_dir`` never share (and overwrite) a log folder.
         """
         if kwargs.get("logger") in (None, True):
             root = kwargs.get("default_root_dir") or os.getcwd()
-            kwargs["logger"] = CSVLogger(root)
+            kwargs["logger"] = ClaimedVersionCSVLogger(root)
         super().__init__(*args, **kwargs)
 
     def fit(
@@ -56,6 +60,8 @@ class PruningTrainer(Trainer):
         check_writable(self.default_root_dir, "trainer.default_root_dir")
         if ckpt_path == "last":
             ckpt_path = newest_last_checkpoint(self.default_root_dir) or ckpt_path
+            if ckpt_path != "last":  # checked as a named checkpoint is (in before_fit)
+                model.check_resume(ckpt_path, self)
         super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, True)
 
     def export(
@@ -160,16 +166,18 @@ class PruneCLI(LightningCLI):
         return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads ``ckpt_path`` (weights_only) for hyperparameters before any of our
-        # code runs: turn an unreadable file into a clear error here.
-        try:
-            super()._parse_ckpt_path()
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
-            path = self.config[self.config.subcommand].get("ckpt_path")
-            raise ConfigError(f"ckpt_path: '{path}' {unreadable_reason(err)}") from err
+        # LightningCLI would merge the checkpoint's stored hyperparameters over the command
+        # line; here the command line decides and a contradiction is an error. The checkpoint
+        # is read through the guarded reader (sharded folders verified) before anything else.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).exists():
+            model = self.config[subcommand].get("model")
+            check_stored_hyperparameters(path, model.as_dict() if model is not None else {})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model", "data.tokenizer")
+        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
 
     def before_fit(self) -> None:
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
@@ -184,17 +192,6 @@ class PruneCLI(LightningCLI):
     def before_export(self) -> None:
         config = self.config[self.subcommand]
         self.trainer.run_config = _to_plain(config.as_dict())
-
-
-def unreadable_reason(err: BaseException) -> str:
-    """Why ``torch.load(..., weights_only=True)`` refused a file, in one line."""
-    if isinstance(err, pickle.UnpicklingError):
-        return (
-            "is not a readable checkpoint: it holds objects other than tensors and plain "
-            "values, and checkpoints are never unpickled"
-        )
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return f"is not a readable checkpoint (truncated or not a torch file: {first_line})"
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -229,10 +226,30 @@ def _to_plain(value: Any) -> Any:
     return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
 
 
-def print_plugins() -> int:
-    """Print every plugin found: kind, name, class, distribution, version, status."""
+#: seconds ``lightning-prune plugins`` waits for one plugin's import by default
+PLUGIN_IMPORT_TIMEOUT = 30.0
+
+
+def print_plugins(argv: list[str]) -> int:
+    """Print every plugin found: kind, name, class, distribution, version, status.
+
+    Each plugin is imported with a time limit (``--timeout``): one whose import does not finish
+    in time is listed as hanging rather than hanging the listing.
+    """
+    parser = argparse.ArgumentParser(
+        prog="lightning-prune plugins", description="List every installed plugin."
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=PLUGIN_IMPORT_TIMEOUT,
+        help="seconds to wait for each plugin's import (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if not args.timeout > 0:
+        parser.error(f"--timeout: expected a positive number of seconds, got {args.timeout}")
     registry = get_registry()
-    registry.load_all()
+    registry.load_all(timeout=args.timeout)
     conflicts = registry.conflicts()
     rows = [("kind", "name", "class", "distribution", "version", "status")]
     for info in registry.infos():
@@ -247,19 +264,26 @@ def print_plugins() -> int:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[5])
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[5], flush=True)
     return 0
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    argv = sys.argv[1:] if args is None else args
+    """Console-script entry point.
+
+    ``lightning-prune --debug COMMAND ...`` (or ``LIGHTNING_PRUNE_DEBUG=1``) prints the
+    traceback of a user error before its one-line message.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    debug = argv[:1] == ["--debug"]
+    if debug:
+        argv = argv[1:]
     if argv[:1] == ["plugins"]:
-        raise SystemExit(print_plugins())
+        raise SystemExit(print_plugins(argv[1:]))
     if argv[:1] == ["report"]:
         from lightning_prune.report.command import main as report_main
 
-        raise SystemExit(report_main(argv[1:]))
+        raise SystemExit(report_main(argv[1:], debug))
     if argv[:1] == ["lm-eval"]:  # optional extra: lightning-prune[lm-eval]
         from lightning_prune.lm_eval_adapter import main as lm_eval_main
 
@@ -271,11 +295,13 @@ def main(args: list[str] | None = None) -> None:
 
             recover_main(argv[1:])
         else:
-            _run_cli(None if args is None else argv)
+            _run_cli(None if args is None and not debug else argv)
     except Exception as err:
         ours = _our_error(err)
         if ours is None:
             raise
+        if debug or debug_requested():  # the whole chain, from the library error up
+            traceback.print_exception(err, file=sys.stderr)
         print(f"lightning-prune: error: {ours}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,14 @@ from lightning_prune.checkpoints import load_learned_state, read_checkpoint_head
 from lightning_prune.data.datamodule import CalibrationDataModule
 from lightning_prune.errors import ConfigError, MissingPathError
 from lightning_prune.evaluation import format_table, perplexity, write_json
-from lightning_prune.export.atomic import check_target
+from lightning_prune.export.atomic import check_output_file, check_target
 from lightning_prune.masks.init import one_shot_applied
 from lightning_prune.module import PruningModule, check_checkpoint
 from lightning_prune.protocol import (
     check_comparable,
     evaluation_record,
     heldout_protocol,
+    is_record,
     joint_rows,
     load_record,
 )
@@ -51,7 +53,7 @@ def run_export(
             f"dtype: only --format compressed-nm casts at export; --format {export_format} "
             "writes the model's dtype (set --model.dtype)"
         )
-    check_target(output_dir, overwrite)
+    check_target(output_dir, overwrite, export_inputs(module, ckpt_path))
     load_learned_state(module, ckpt_path)
     if export_format == "compressed-nm":
         from lightning_prune.export.compressed import export_compressed_nm
@@ -64,6 +66,15 @@ def run_export(
     return path
 
 
+def export_inputs(module: PruningModule, ckpt_path: str) -> list[tuple[str, Path]]:
+    """The export's inputs that ``output_dir`` must not replace: the model folder (embedded
+    models and hub ids live in the caches, which are always protected) and the checkpoint."""
+    inputs = [("the checkpoint (ckpt_path)", Path(ckpt_path))]
+    if Path(module.model_name).expanduser().exists():
+        inputs.append(("the model folder (model.model)", Path(module.model_name).expanduser()))
+    return inputs
+
+
 def check_checkpoint_early(module: PruningModule, ckpt_path: str | Path) -> None:
     """Refuse a missing checkpoint, or one made for another model or mask, before any work."""
     if not Path(ckpt_path).exists():
@@ -72,6 +83,14 @@ def check_checkpoint_early(module: PruningModule, ckpt_path: str | Path) -> None
     if not isinstance(header, dict):
         raise ConfigError(f"ckpt_path: '{ckpt_path}' is not a lightning-prune checkpoint")
     check_checkpoint(header, module)
+
+
+def _is_evaluation_record(path: Path) -> bool:
+    """Whether ``path`` holds a record written by ``evaluate --output`` (it may be replaced)."""
+    try:
+        return is_record(json.loads(path.read_bytes()))
+    except (OSError, ValueError):
+        return False
 
 
 def run_evaluate(
@@ -94,6 +113,8 @@ def run_evaluate(
     from transformers import AutoModelForCausalLM
 
     earlier = {path: load_record(path) for path in compare or []}  # fail before the work
+    if output:
+        check_output_file(output, "output", _is_evaluation_record, "an evaluate record")
     module.configure_model()
     if ckpt_path is not None:  # checked now, loaded after the dense and baseline rows
         check_checkpoint_early(module, ckpt_path)

@@ -1,4 +1,18 @@
-"""Error types: every message names the field or file at fault and what was expected."""
+"""Error types: every message names the field or file at fault and what was expected.
+
+User errors are reported as one line, ``lightning-prune: error: <message>``, with exit status
+2 and no traceback; ``lightning-prune --debug ...`` or ``LIGHTNING_PRUNE_DEBUG=1`` prints the
+traceback (with the library error that caused it) before that line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+#: environment variable that turns on tracebacks for user errors (like ``--debug``)
+DEBUG_ENV = "LIGHTNING_PRUNE_DEBUG"
 
 
 class LightningPruneError(Exception):
@@ -11,3 +25,15 @@ class ConfigError(LightningPruneError, ValueError):
 
 class MissingPathError(ConfigError, FileNotFoundError):
     """A file or folder named in the config does not exist."""
+
+
+def debug_requested() -> bool:
+    """Whether ``LIGHTNING_PRUNE_DEBUG`` asks for tracebacks (any value but empty or 0)."""
+    return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def print_error(err: BaseException, debug: bool = False) -> None:
+    """Print ``lightning-prune: error: <err>`` to stderr, after the traceback when ``debug``."""
+    if debug or debug_requested():
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"lightning-prune: error: {err}", file=sys.stderr)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -12,7 +13,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_prune import __version__, fsdp1
 from lightning_prune.adapters import adapter_for
+from lightning_prune.blockwise import BlockInputs, BlockwiseObjective, reconstruction_loss
 from lightning_prune.errors import ConfigError
+from lightning_prune.identity import config_differences, config_record, model_weights_digest
 from lightning_prune.masks.base import MaskFamily
 from lightning_prune.masks.init import build_initializer, initializer_name
 from lightning_prune.models import load_causal_lm
@@ -50,6 +53,15 @@ class PruningModule(LightningModule):
             evaluate take the state from the checkpoint.
         dtype: dtype the LM is loaded in.
         attn_implementation: HF attention implementation.
+        objective: ``end_to_end`` (the LM loss of the whole masked model, the papers' method)
+            or ``blockwise`` (decoder blocks learned one after another, each to reproduce its
+            dense output; see :mod:`lightning_prune.blockwise`). ``blockwise`` needs
+            ``trainer.max_steps`` = layers × ``steps_per_block``.
+        steps_per_block: optimizer steps per decoder block (``blockwise`` only).
+        block_inputs: inputs of each block while it learns (``blockwise`` only): ``pruned``
+            (the blocks before it run with their final masks) or ``dense``.
+        trust_remote_code: load a model folder that ships its own Python code (``auto_map``);
+            such folders are refused unless this is set.
     """
 
     def __init__(
@@ -61,10 +73,25 @@ class PruningModule(LightningModule):
         init_mask: str | dict[str, Any] | None = None,
         dtype: str = "float32",
         attn_implementation: str | None = "sdpa",
+        objective: Literal["end_to_end", "blockwise"] = "end_to_end",
+        steps_per_block: int = 20,
+        block_inputs: BlockInputs = "pruned",
+        trust_remote_code: bool = False,
     ):
         super().__init__()
+        if objective not in ("end_to_end", "blockwise"):
+            raise ConfigError(
+                f"model.objective: expected 'end_to_end' or 'blockwise', got {objective!r}"
+            )
+        self.blockwise = (
+            BlockwiseObjective(steps_per_block, block_inputs) if objective == "blockwise" else None
+        )
+        self._blocks: list[torch.nn.Module] = []
+        self._block_names: list[list[str]] = []
+        self._block_in_modes: int | None = None  # the block the mask modes are set for
         self.model_name, self.dtype_name = model, dtype
         self.attn_implementation = attn_implementation
+        self.trust_remote_code = trust_remote_code
         self.mask_family, self.solver = mask_family, solver
         self.regularizers = list(regularizers or [])
         self.init_mask = init_mask
@@ -90,15 +117,26 @@ class PruningModule(LightningModule):
             and safetensors_files(self.model_name) is not None
         )
         if sharded_load:
-            model = build_on_meta(self.model_name, self.dtype_name, self.attn_implementation)
+            model = build_on_meta(
+                self.model_name, self.dtype_name, self.attn_implementation, self.trust_remote_code
+            )
         else:
-            model = load_causal_lm(self.model_name, self.dtype_name, self.attn_implementation)
+            model = load_causal_lm(
+                self.model_name, self.dtype_name, self.attn_implementation, self.trust_remote_code
+            )
         model.requires_grad_(False)
         adapter = adapter_for(model)
         self.mask_family.attach(model, adapter)
         for regularizer in self.regularizers:
             regularizer.bind(self.mask_family)
         self.model = model
+        if self.blockwise is not None:
+            self._blocks = list(adapter.decoder_layers(model))
+            targets = list(self.mask_family.targets())
+            self._block_names = [
+                [n for n in targets if n.startswith(f"{adapter.layers_path}.{i}.")]
+                for i in range(len(self._blocks))
+            ]
         if self.init_mask is not None and self._trainer is not None:
             self.apply_initializer(self.init_mask)  # same data on every rank: same masks
         if mesh is not None:
@@ -171,6 +209,8 @@ class PruningModule(LightningModule):
             check_sharded_strategy(ckpt_path, fsdp2, on_fsdp1)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.blockwise is not None:
+            self._check_blockwise_fit()
         datamodule = getattr(self.trainer, "datamodule", None)
         seq_len = getattr(datamodule, "seq_len", None)
         if seq_len is None:
@@ -182,30 +222,103 @@ class PruningModule(LightningModule):
         if context and seq_len > context:
             raise ConfigError(f"data.seq_len: {seq_len} exceeds the model's context {context}")
 
+    def _check_blockwise_fit(self) -> None:
+        """Refuse, before the LM is loaded, a block-wise fit that this setup cannot run."""
+        if not self.solver.supports_blockwise:
+            raise ConfigError(
+                f"model.objective: blockwise is not supported by solver "
+                f"{type(self.solver).__name__}; use objective: end_to_end (solver proximal "
+                "learns block-wise)"
+            )
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy) or fsdp1.is_fsdp1(strategy):
+            raise ConfigError(
+                "model.objective: blockwise runs on one device or DDP, not on "
+                f"{type(strategy).__name__}: one block is learned at a time, so the model need "
+                "not be sharded; use trainer.strategy: ddp_find_unused_parameters_true"
+            )
+        if self.trainer.world_size > 1 and not getattr(strategy, "_ddp_kwargs", {}).get(
+            "find_unused_parameters"
+        ):
+            raise ConfigError(
+                "trainer.strategy: a block-wise fit on several ranks trains one block's masks "
+                "at a time, so DDP must allow unused parameters; use strategy: "
+                "ddp_find_unused_parameters_true"
+            )
+        layers = self._hf_config().num_hidden_layers
+        expected = self.blockwise.total_steps(layers)
+        if self.trainer.max_steps != expected:
+            raise ConfigError(
+                f"trainer.max_steps: objective blockwise learns {layers} blocks × "
+                f"{self.blockwise.steps_per_block} steps_per_block = {expected} steps; set "
+                f"trainer.max_steps: {expected} and trainer.max_epochs: -1, got "
+                f"{self.trainer.max_steps}"
+            )
+
+    def steps_per_schedule(self) -> int:
+        """Optimizer steps that one learning-rate schedule spans: the whole fit, or one block
+        of a block-wise fit (the schedule restarts on every block)."""
+        if self.blockwise is not None:
+            return self.blockwise.steps_per_block
+        return max(int(self.trainer.estimated_stepping_batches), 1)
+
     def _hf_config(self) -> Any:
         """The LM's HF config, read without loading weights."""
         from lightning_prune.models.loading import load_config
 
-        return load_config(self.model_name)
+        return load_config(self.model_name, self.trust_remote_code)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
         return self.model(input_ids=input_ids, labels=labels)
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        outputs = self(batch["input_ids"], batch["labels"])
-        loss = outputs.loss
-        total = loss
-        for name, term in self.solver.loss_terms(self, batch, outputs).items():
-            self.log(f"train/{name}", term)
-            total = total + term
+        if self.blockwise is not None:
+            loss, family = self._block_loss(batch), self._learned_view()
+            total = loss
+        else:
+            outputs = self(batch["input_ids"], batch["labels"])
+            loss, family = outputs.loss, self.mask_family
+            total = loss
+            for name, term in self.solver.loss_terms(self, batch, outputs).items():
+                self.log(f"train/{name}", term)
+                total = total + term
         for regularizer in self.regularizers:
             if not regularizer.has_prox:
-                total = total + regularizer.penalty(self.mask_family)
+                total = total + regularizer.penalty(family)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss
         if self._log_step() and not self._gathers():
             self._log_regularizers()
         return total
+
+    def _block_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The learned block's reconstruction loss on ``batch`` (block-wise objective)."""
+        index = self.blockwise.block_at(self.global_step)
+        self._set_block_modes(index)
+        block, view = self._blocks[index], self._learned_view()
+        call = self.blockwise.capture(self.model, block, batch["input_ids"])
+        view.set_mode("off")
+        with torch.no_grad():
+            target = self.blockwise.run(block, call)
+        view.set_mode("learn")
+        self.log("block", float(index), prog_bar=True)
+        return reconstruction_loss(self.blockwise.run(block, call), target)
+
+    def _set_block_modes(self, index: int) -> None:
+        """Blocks before ``index`` run with their final hard masks (or dense), the rest learn."""
+        if self._block_in_modes == index:
+            return
+        before = "off" if self.blockwise.inputs == "dense" else "hard"
+        for position, names in enumerate(self._block_names):
+            mode = before if position < index else "learn"
+            for parametrization in self.mask_family.subset(names).parametrizations().values():
+                parametrization.set_mode(mode)
+        self._block_in_modes = index
+
+    def _learned_view(self) -> MaskFamily:
+        """The mask family restricted to the block being learned (block-wise objective)."""
+        index = self.blockwise.block_at(self.global_step)
+        return self.mask_family.subset(self._block_names[index])
 
     def _log_step(self) -> bool:
         return self.global_step % max(self.trainer.log_every_n_steps, 1) == 0
@@ -221,7 +334,10 @@ class PruningModule(LightningModule):
 
     def whole_group_views(self, writeback: bool = True) -> Iterator[MaskFamily]:
         """The mask family with whole N:M groups, for a prox: itself, or under FSDP1 one view
-        per FSDP unit while that unit is gathered (see :func:`fsdp1.whole_group_views`)."""
+        per FSDP unit while that unit is gathered (see :func:`fsdp1.whole_group_views`); in a
+        block-wise fit, the block being learned only."""
+        if self.blockwise is not None:
+            return iter([self._learned_view()])
         return fsdp1.whole_group_views(self.mask_family, self.fsdp1_layout, writeback)
 
     def _log_regularizers(self) -> None:
@@ -276,17 +392,26 @@ class PruningModule(LightningModule):
 
     def on_validation_end(self) -> None:
         self.mask_family.set_mode("learn")
+        self._block_in_modes = None
 
     # -- checkpoints: learnable state + identity ----------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint must match to be loaded into this module."""
+        """What a checkpoint must match to be loaded into this module: the model's shapes, its
+        content (config fields and weights digest, see :mod:`lightning_prune.identity`), the
+        mask family and the checkpoint format. The content is computed once per module."""
         config = self.model.config if self.model is not None else self._hf_config()
+        if getattr(self, "_content_identity", None) is None:
+            self._content_identity = {
+                "config": config_record(self._hf_config()),
+                "weights_sha256": model_weights_digest(self.model_name),
+            }
         return {
             "model": self.model_name,
             "model_type": config.model_type,
             "num_hidden_layers": config.num_hidden_layers,
             "hidden_size": config.hidden_size,
             "vocab_size": config.vocab_size,
+            **self._content_identity,
             "mask_family": type(self.mask_family).__name__,
             "version": __version__,
             "format": CHECKPOINT_FORMAT,
@@ -338,9 +463,10 @@ def learnable_names(module: torch.nn.Module) -> set[str]:
 
 
 def check_checkpoint(checkpoint: dict[str, Any], module: PruningModule) -> None:
-    """Raise ``ValueError`` when ``checkpoint`` was made for another model or mask."""
+    """Raise ``ConfigError`` when ``checkpoint`` was made for another model (shapes, config
+    fields or weights) or mask, lacks learnable tensors, or holds a non-finite learned value."""
     saved = checkpoint.get("lightning_prune")
-    if saved is None:
+    if not isinstance(saved, dict):
         raise ConfigError("ckpt_path: not a lightning-prune checkpoint (no 'lightning_prune' key)")
     current = module.fingerprint()
     if saved.get("format", 1) != CHECKPOINT_FORMAT:
@@ -351,6 +477,7 @@ def check_checkpoint(checkpoint: dict[str, Any], module: PruningModule) -> None:
         )
     keys = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size", "mask_family")
     wrong = {k: (saved.get(k), current[k]) for k in keys if saved.get(k) != current[k]}
+    wrong.update(_content_mismatch(saved, current))
     if wrong:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in wrong.items())
         raise ConfigError(
@@ -366,3 +493,45 @@ def check_checkpoint(checkpoint: dict[str, Any], module: PruningModule) -> None:
             f"ckpt_path: checkpoint lacks {len(missing)} learnable tensors "
             f"(e.g. {sorted(missing)[0]})"
         )
+    check_finite_state(checkpoint["state_dict"])
+
+
+def _content_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple]:
+    """Config fields and the weights digest that differ (``{field: (checkpoint, model)}``).
+
+    Checkpoints written before content fingerprints (no ``config`` record) pass with a
+    warning: their model is checked by shapes only. A digest is compared where both sides
+    have one (models without local safetensors files have none).
+    """
+    if not isinstance(saved.get("config"), str):
+        warnings.warn(
+            f"ckpt_path: this checkpoint (lightning-prune {saved.get('version')}) records no "
+            "config or weights digest of its model; only the model's shapes were checked",
+            stacklevel=3,
+        )
+        return {}
+    try:
+        differences = config_differences(saved["config"], current["config"])
+    except ValueError as err:
+        raise ConfigError(
+            f"ckpt_path: the checkpoint's config record is unreadable ({err})"
+        ) from err
+    wrong = {f"config.{key}": values for key, values in differences.items()}
+    digests = saved.get("weights_sha256"), current["weights_sha256"]
+    if None not in digests and digests[0] != digests[1]:
+        wrong["weights_sha256"] = (str(digests[0])[:16], digests[1][:16])
+    return wrong
+
+
+def check_finite_state(state: dict[str, Any]) -> None:
+    """Refuse learned state holding NaN or infinity, naming the first such tensor."""
+    for name, tensor in state.items():
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+            continue
+        bad = ~torch.isfinite(tensor)
+        if bad.any():
+            kinds = [k for k, f in (("nan", torch.isnan), ("inf", torch.isinf)) if f(tensor).any()]
+            raise ConfigError(
+                f"ckpt_path: learned tensor '{name}' holds {int(bad.sum())} non-finite values "
+                f"({', '.join(kinds)}) of {tensor.numel()}; the checkpoint is unusable"
+            )

@@ -78,7 +78,8 @@ class RecoveryModule(LightningModule):
                 f"model.lora_rank (a positive integer) and model.lora_alpha (> 0) expected, got "
                 f"{lora_rank!r}, {lora_alpha!r}"
             )
-        check_target(output_dir, overwrite)
+        self.protected = [("the export being recovered (model.export_dir)", Path(export_dir))]
+        check_target(output_dir, overwrite, self.protected)
         self.export_dir, self.output_dir, self.overwrite = export_dir, output_dir, overwrite
         self.method, self.lr, self.warmup_ratio = method, lr, warmup_ratio
         self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
@@ -153,7 +154,7 @@ class RecoveryModule(LightningModule):
                    if self.method == "lora" else {}),
             },
         }
-        with atomic_directory(self.output_dir, self.overwrite) as tmp:
+        with atomic_directory(self.output_dir, self.overwrite, self.protected) as tmp:
             model.save_pretrained(tmp)
             load_tokenizer(self.export_dir).save_pretrained(tmp)
             (tmp / "pruning.json").write_text(json.dumps(record, indent=2))
@@ -177,7 +178,13 @@ def read_pruning_record(export_dir: str) -> dict[str, Any]:
         raise ConfigError(
             f"model.export_dir: '{export_dir}' is not a lightning-prune export (no pruning.json)"
         )
-    return json.loads(record.read_text())
+    try:
+        value = json.loads(record.read_bytes())
+    except ValueError as err:
+        raise ConfigError(f"model.export_dir: '{record}' is not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise ConfigError(f"model.export_dir: '{record}' holds no JSON object")
+    return value
 
 
 def decoder_linear_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -227,6 +234,9 @@ def recover_main(args: list[str]) -> None:
             "merged and written as a new verified export."
         },
     )
+    run_folder = ("the run folder (trainer.default_root_dir)", Path(cli.trainer.default_root_dir))
+    cli.model.protected.append(run_folder)  # it holds the recovery's checkpoints
+    check_target(cli.model.output_dir, cli.model.overwrite, cli.model.protected)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     if cli.trainer.is_global_zero:
         path = cli.model.write_export(cli.trainer.global_step)

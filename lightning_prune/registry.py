@@ -4,11 +4,17 @@ Every plugin kind has its own entry-point group (``lightning_prune.<kind>``). Bu
 through this project's ``pyproject.toml`` exactly like a third-party distribution does. A plugin
 that fails to import is recorded as broken (with its error) instead of breaking the CLI, and two
 plugins claiming one name are reported as a conflict rather than silently resolved.
+
+A plugin whose import raises ``SystemExit`` is broken too (``KeyboardInterrupt`` still stops the
+command). ``lightning-prune plugins`` imports each plugin in a daemon thread and waits at most
+a time limit: a plugin whose import has not finished by then is listed as hanging (its thread
+is left behind and ends with the process).
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
 from functools import cache
@@ -57,6 +63,8 @@ class PluginInfo:
         if self.loaded is None and self.error is None and self.entry_point is not None:
             try:
                 self.loaded = self.entry_point.load()
+            except SystemExit as err:  # a plugin must not end the command
+                self.error = f"its import called sys.exit({err.code!r})"
             except Exception as err:  # a broken plugin must not break the CLI
                 last = traceback.format_exception_only(type(err), err)[-1].strip()
                 self.error = last
@@ -121,18 +129,34 @@ class Registry:
         """Load and return the plugin object registered as ``name``."""
         return self.info(kind, name).load()
 
-    def load_all(self) -> None:
-        """Import every plugin so broken ones are known (errors are recorded, not raised)."""
+    def load_all(self, timeout: float | None = None) -> None:
+        """Import every plugin so broken ones are known (errors are recorded, not raised).
+
+        With ``timeout``, each import runs in a daemon thread that is waited for at most
+        ``timeout`` seconds; a plugin still importing then is recorded as hanging.
+        """
         for info in self.infos():
-            try:
-                info.load()
-            except PluginError:
-                pass
+            if timeout is None:
+                _load_quietly(info)
+                continue
+            thread = threading.Thread(target=_load_quietly, args=(info,), daemon=True)
+            thread.start()
+            thread.join(timeout)
+            if thread.is_alive():
+                info.error = f"its import did not finish within {timeout:g} s (it hangs)"
 
     def _group(self, kind: str) -> dict[str, list[PluginInfo]]:
         if kind not in self._plugins:
             raise PluginError(f"unknown plugin kind '{kind}': expected one of {list(KINDS)}")
         return self._plugins[kind]
+
+
+def _load_quietly(info: PluginInfo) -> None:
+    """Import one plugin; a failure stays recorded in ``info.error``."""
+    try:
+        info.load()
+    except PluginError:
+        pass
 
 
 @cache

@@ -204,6 +204,13 @@ def test_report_bad_input_names_the_folder(tmp_path, capsys) -> None:
     assert report(str(empty), "--output", str(output)) == 2
     assert "found no fit log folder (metrics.csv, config.yaml" in capsys.readouterr().err
     assert not output.exists()
+    broken = tmp_path / "broken" / "lightning_logs" / "version_0"
+    broken.mkdir(parents=True)
+    (broken / "metrics.csv").write_text("step,train/loss\n0,1.5\nten,1.2\n")
+    assert report(str(tmp_path / "broken"), "--output", str(output)) == 2
+    err = capsys.readouterr().err
+    assert "metrics.csv' line 3: step 'ten' is not a number" in err and "Traceback" not in err
+    assert not output.exists()
 
 
 def test_tensorboard_logger_from_yaml(small_model, tmp_path) -> None:

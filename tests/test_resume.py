@@ -21,6 +21,21 @@ ROOT = Path(__file__).parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = {"proximal": "proxsparse_2of4.yaml", "minimax": "maskprune_uniform.yaml"}
 STEPS_PER_EPOCH, EPOCHS, KILL_AT = 4, 2, 6  # killed in the middle of the second epoch
+#: run name -> (solver, extra arguments); the block-wise fit learns 2 blocks × 4 steps, so the
+#: kill lands in the middle of the second block
+RUNS = {
+    "proximal": ("proximal", ()),
+    "minimax": ("minimax", ()),
+    "proximal-blockwise": (
+        "proximal",
+        (
+            "--model.objective=blockwise",
+            "--model.steps_per_block=4",
+            f"--trainer.max_steps={STEPS_PER_EPOCH * EPOCHS}",
+            "--trainer.max_epochs=-1",
+        ),
+    ),
+}
 
 CALLBACKS = """
 trainer:
@@ -33,13 +48,13 @@ KILL = """    - class_path: kill_at_step.KillAtStep
       init_args: {{step: {step}}}"""
 
 
-def fit(model: str, solver: str, root: Path, *extra: str, kill_at: int | None = None):
+def fit(model: str, run: str, root: Path, *extra: str, kill_at: int | None = None):
     overrides = root.parent / f"{root.name}-callbacks.yaml"
     kill = KILL.format(step=kill_at) if kill_at is not None else ""
     overrides.write_text(CALLBACKS.format(kill=kill))
     args = [
         "fit",
-        f"--config={ROOT / 'configs' / CONFIGS[solver]}",
+        f"--config={ROOT / 'configs' / CONFIGS[RUNS[run][0]]}",
         f"--config={overrides}",
         f"--model.model={model}",
         "--model.init_mask=null",
@@ -51,6 +66,7 @@ def fit(model: str, solver: str, root: Path, *extra: str, kill_at: int | None = 
         "--trainer.enable_progress_bar=false",
         "--trainer.log_every_n_steps=1",
         "--trainer.limit_val_batches=0",
+        *RUNS[run][1],
         *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(FIXTURES)}
@@ -77,19 +93,19 @@ def losses(root: Path) -> dict[int, str]:
     return values
 
 
-@pytest.mark.parametrize("solver", ["proximal", "minimax"])
-def test_killed_fit_resumes_bit_identical(small_model, tmp_path, solver) -> None:
-    straight = fit(small_model, solver, tmp_path / "straight")
+@pytest.mark.parametrize("run", list(RUNS))
+def test_killed_fit_resumes_bit_identical(small_model, tmp_path, run) -> None:
+    straight = fit(small_model, run, tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     killed_root = tmp_path / "killed"
-    killed = fit(small_model, solver, killed_root, kill_at=KILL_AT)
+    killed = fit(small_model, run, killed_root, kill_at=KILL_AT)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     last = killed_root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     saved_step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert saved_step == KILL_AT - 1  # killed before the checkpoint of step KILL_AT was written
 
-    resumed = fit(small_model, solver, killed_root, "--ckpt_path=last")
+    resumed = fit(small_model, run, killed_root, "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     expected, got = learned_state(tmp_path / "straight"), learned_state(killed_root)

@@ -27,10 +27,11 @@ def calibration_data(
     return data, sources
 
 
-def cpu_trainer(epochs: int = 1, progress_bar: bool = False) -> Trainer:
+def cpu_trainer(epochs: int = 1, progress_bar: bool = False, max_steps: int = -1) -> Trainer:
     """A one-device CPU trainer that logs, validates and saves nothing."""
     return Trainer(
         max_epochs=epochs,
+        max_steps=max_steps,
         accelerator="cpu",
         devices=1,
         logger=False,

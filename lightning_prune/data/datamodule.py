@@ -7,7 +7,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_prune.data.sampling import EpochShuffleSampler, ResumableDataLoader, SkipOnce
-from lightning_prune.data.sources import read_documents
+from lightning_prune.data.sources import MAX_SOURCE_BYTES, read_documents
 from lightning_prune.data.tokens import TokenSplits, pack, tokenize_splits
 from lightning_prune.errors import ConfigError
 
@@ -42,6 +42,10 @@ class CalibrationDataModule(LightningDataModule):
         text_column: text field of ``.jsonl``/``.parquet``/``datasets`` sources.
         dataset_config: ``datasets`` configuration name.
         split: ``datasets`` split.
+        max_source_bytes: most bytes read from a local source (a file, or a folder's files
+            together); local files must be regular files (no FIFOs or devices).
+        trust_remote_code: load a tokenizer that ships its own Python code (``auto_map``);
+            off by default, when such a tokenizer is refused.
     """
 
     def __init__(
@@ -57,6 +61,8 @@ class CalibrationDataModule(LightningDataModule):
         text_column: str = "text",
         dataset_config: str | None = None,
         split: str = "train",
+        max_source_bytes: int = MAX_SOURCE_BYTES,
+        trust_remote_code: bool = False,
     ):
         super().__init__()
         for field, value in (
@@ -64,6 +70,7 @@ class CalibrationDataModule(LightningDataModule):
             ("num_samples", num_samples),
             ("batch_size", batch_size),
             ("eval_tokens", eval_tokens),
+            ("max_source_bytes", max_source_bytes),
         ):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"data.{field}: expected a positive integer, got {value!r}")
@@ -71,6 +78,7 @@ class CalibrationDataModule(LightningDataModule):
         self.seq_len, self.num_samples, self.batch_size = seq_len, num_samples, batch_size
         self.heldout_fraction, self.eval_tokens, self.seed = heldout_fraction, eval_tokens, seed
         self.text_column, self.dataset_config, self.split = text_column, dataset_config, split
+        self.max_source_bytes, self.trust_remote_code = max_source_bytes, trust_remote_code
         self.splits: TokenSplits | None = None
         self._resume = SkipOnce()  # batches of the current epoch a resumed fit already saw
 
@@ -79,9 +87,13 @@ class CalibrationDataModule(LightningDataModule):
         from lightning_prune.models import load_tokenizer
 
         documents = read_documents(
-            source or self.source, self.text_column, self.dataset_config, self.split
+            source or self.source,
+            self.text_column,
+            self.dataset_config,
+            self.split,
+            self.max_source_bytes,
         )
-        tokenizer = load_tokenizer(self.tokenizer_name)
+        tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
         return tokenize_splits(documents, tokenizer, self.heldout_fraction, self.seed)
 
     def setup(self, stage: str | None = None) -> None:

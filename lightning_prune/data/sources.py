@@ -1,14 +1,34 @@
-"""Read documents from a text source: embedded corpus, local files/folders or a HF dataset."""
+"""Read documents from a text source: embedded corpus, local files/folders or a HF dataset.
+
+Local files must be regular files (after resolving links: never a FIFO, device or socket) and
+together at most ``max_source_bytes`` (``data.max_source_bytes``, 2 GiB by default), read with
+that bound. Every document must be a string: a JSONL value or parquet/dataset cell that is
+null, a number, an object or an array is refused with its file and line (or row).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
+from typing import Any
 
 from lightning_prune.data.corpora import available_corpora, load_embedded_corpus
 from lightning_prune.errors import ConfigError
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+#: default bound on the bytes read from a local source (one file or a folder's files together)
+MAX_SOURCE_BYTES = 2 * 2**30
+
+_NOT_REGULAR = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
 
 
 class DataSourceError(ConfigError):
@@ -20,19 +40,21 @@ def read_documents(
     text_column: str = "text",
     dataset_config: str | None = None,
     split: str = "train",
+    max_source_bytes: int = MAX_SOURCE_BYTES,
 ) -> list[str]:
     """Documents of ``source`` in a stable order.
 
     ``source`` is an embedded corpus name (``wikipedia``, ``shakespeare``), a local ``.txt``
     (documents separated by blank lines), ``.jsonl`` (one object per line with
     ``text_column``) or ``.parquet`` file, a folder of such files, or a ``datasets`` name/path.
+    Local files are read only up to ``max_source_bytes`` in all.
     """
     if source in available_corpora():
         documents = load_embedded_corpus(source)
     else:
         path = Path(source).expanduser()
         if path.exists():
-            documents = _read_local(path, text_column)
+            documents = _read_local(path, text_column, max_source_bytes)
         elif source.startswith((".", "/", "~")) or Path(source).suffix in LOCAL_SUFFIXES:
             raise DataSourceError(f"data.source: path '{source}' does not exist")
         else:
@@ -43,34 +65,62 @@ def read_documents(
     return documents
 
 
-def _read_local(path: Path, text_column: str) -> list[str]:
+def _read_local(path: Path, text_column: str, limit: int) -> list[str]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and not p.is_dir())
         if not files:
             raise DataSourceError(
                 f"data.source: folder '{path}' has no {'/'.join(LOCAL_SUFFIXES)} files"
             )
-        return [doc for f in files for doc in _read_file(f, text_column)]
+        sizes = [regular_file_size(f) for f in files]
+        if sum(sizes) > limit:
+            raise DataSourceError(
+                f"data.source: the files of folder '{path}' hold {sum(sizes)} bytes, above the "
+                f"limit of {limit} bytes (raise data.max_source_bytes to read more)"
+            )
+        return [doc for f in files for doc in _read_file(f, text_column, limit)]
     if path.suffix not in LOCAL_SUFFIXES:
         raise DataSourceError(
             f"data.source: '{path}' has suffix '{path.suffix}', expected one of {LOCAL_SUFFIXES}"
         )
-    return _read_file(path, text_column)
+    return _read_file(path, text_column, limit)
 
 
-def _read_file(path: Path, text_column: str) -> list[str]:
+def regular_file_size(path: Path) -> int:
+    """Size of ``path``, which must be a regular file once links are followed."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = _NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file")
+        via = f" (a link to '{path.resolve()}')" if path.is_symlink() else ""
+        raise DataSourceError(
+            f"data.source: '{path}'{via} is {kind}, expected a regular .txt, .jsonl or "
+            ".parquet file"
+        )
+    return os.stat(path).st_size
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of regular file ``path``, refused above ``limit`` (checked while reading too)."""
+    size = regular_file_size(path)
+    if size > limit:
+        raise DataSourceError(
+            f"data.source: '{path}' is {size} bytes, above the limit of {limit} bytes (raise "
+            "data.max_source_bytes to read it)"
+        )
+    with path.open("rb") as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise DataSourceError(
+            f"data.source: '{path}' grew above the limit of {limit} bytes while being read"
+        )
+    return data
+
+
+def _read_file(path: Path, text_column: str, limit: int) -> list[str]:
     if path.suffix == ".parquet":
-        import datasets
-
-        table = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        if text_column not in table.column_names:
-            raise DataSourceError(
-                f"data.text_column: '{path}' has no column '{text_column}' "
-                f"(columns: {table.column_names})"
-            )
-        return [str(t) for t in table[text_column]]
+        return _read_parquet(path, text_column, limit)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_bounded(path, limit).decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataSourceError(f"data.source: '{path}' is not UTF-8 text ({err.reason})") from err
     if "\x00" in text:
@@ -89,8 +139,34 @@ def _read_file(path: Path, text_column: str) -> list[str]:
             raise DataSourceError(
                 f"data.text_column: {path} line {number} has no field '{text_column}'"
             )
-        documents.append(str(record[text_column]))
+        documents.append(_text(record[text_column], f"{path} line {number}", text_column))
     return documents
+
+
+def _read_parquet(path: Path, text_column: str, limit: int) -> list[str]:
+    """The ``text_column`` strings of a parquet file (read with pyarrow, bounded in size)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    size = regular_file_size(path)
+    if size > limit:
+        raise DataSourceError(
+            f"data.source: '{path}' is {size} bytes, above the limit of {limit} bytes (raise "
+            "data.max_source_bytes to read it)"
+        )
+    try:
+        file = pq.ParquetFile(path)
+        columns = file.schema_arrow.names
+        if text_column not in columns:
+            raise DataSourceError(
+                f"data.text_column: '{path}' has no column '{text_column}' (columns: {columns})"
+            )
+        values = file.read(columns=[text_column]).column(text_column).to_pylist()
+    except pa.ArrowException as err:
+        raise DataSourceError(
+            f"data.source: '{path}' is not a readable parquet file ({err})"
+        ) from err
+    return [_text(v, f"{path} row {row}", text_column) for row, v in enumerate(values, start=1)]
 
 
 def _read_hub(source: str, text_column: str, dataset_config: str | None, split: str) -> list[str]:
@@ -109,4 +185,31 @@ def _read_hub(source: str, text_column: str, dataset_config: str | None, split: 
             f"data.text_column: dataset '{source}' has no column '{text_column}' "
             f"(columns: {table.column_names})"
         )
-    return [str(t) for t in table[text_column]]
+    return [
+        _text(v, f"dataset '{source}' row {row}", text_column)
+        for row, v in enumerate(table[text_column], start=1)
+    ]
+
+
+def _text(value: Any, where: str, text_column: str) -> str:
+    """``value`` if it is a string; otherwise a ``DataSourceError`` naming ``where``."""
+    if isinstance(value, str):
+        return value
+    raise DataSourceError(
+        f"data.text_column: {where}: field '{text_column}' is {_json_kind(value)}, expected a "
+        "string"
+    )
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({json.dumps(value)})"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return f"a {type(value).__name__}"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lightning_prune.errors import ConfigError
@@ -53,6 +54,17 @@ def _tokenize(documents: list[str], tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int32)
 
 
+def _read_cached(path: Path) -> dict[str, torch.Tensor] | None:
+    """The cached token ids at ``path``; ``None`` when absent or unreadable (then rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError):
+        return None
+    return tensors if {"calibration", "heldout"} <= set(tensors) else None
+
+
 def tokenize_splits(
     documents: list[str],
     tokenizer,
@@ -68,9 +80,9 @@ def tokenize_splits(
         digest.update(hashlib.sha256(document.encode()).digest())
     fingerprint = digest.hexdigest()[:16]
     path = (cache_dir or default_cache_dir()) / "tokens" / f"{fingerprint}.safetensors"
-    if path.is_file():
-        tensors = load_file(str(path))
-        return TokenSplits(tensors["calibration"].long(), tensors["heldout"].long(), fingerprint)
+    cached = _read_cached(path)
+    if cached is not None:
+        return TokenSplits(cached["calibration"].long(), cached["heldout"].long(), fingerprint)
     calibration, heldout = split_documents(documents, heldout_fraction, seed)
     tensors = {
         "calibration": _tokenize(calibration, tokenizer),

@@ -2,8 +2,10 @@
 
 The layout is specified in docs/compressed-nm.md. Writing encodes the N:M weights with
 :mod:`lightning_prune.export.nm_codec`; reading checks, before decoding anything, that the file
-is a complete safetensors file of a known format version and that every tensor matches its
-SHA-256 digest, and names the tensor at fault otherwise. Only safetensors is read: no pickle.
+is a complete safetensors file of a known format version, that the header (every metadata field
+and every tensor's dtype and shape) matches its SHA-256 digest (``header_sha256``) and that every
+tensor matches its own, and names the field or tensor at fault otherwise. Only safetensors is
+read: no pickle.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,20 @@ FORMAT_NAME = "lightning-prune-compressed-nm"
 FORMAT_VERSION = 1
 VALUES_SUFFIX = ".nm_values"
 POSITIONS_SUFFIX = ".nm_positions"
+HEADER_DIGEST = "header_sha256"
+#: safetensors' names of the dtypes a state dict holds
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 class CompressedFormatError(LightningPruneError, ValueError):
@@ -34,6 +51,27 @@ class CompressedFormatError(LightningPruneError, ValueError):
 def _digest(tensor: Tensor) -> str:
     data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
     return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
+
+def header_digest(metadata: dict[str, str], table: dict[str, dict[str, Any]]) -> str:
+    """SHA-256 of the whole header: every ``__metadata__`` field but ``header_sha256`` (as the
+    stored strings) and every tensor's ``dtype`` and ``shape`` (docs/compressed-nm.md)."""
+    record = {
+        "metadata": {k: v for k, v in metadata.items() if k != HEADER_DIGEST},
+        "tensors": {
+            name: {"dtype": entry.get("dtype"), "shape": entry.get("shape")}
+            for name, entry in table.items()
+        },
+    }
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _tensor_entry(name: str, tensor: Tensor) -> dict[str, Any]:
+    """The ``dtype`` and ``shape`` that safetensors writes for ``tensor``."""
+    if tensor.dtype not in SAFETENSORS_DTYPES:
+        raise CompressedFormatError(f"tensor '{name}': dtype {tensor.dtype} cannot be stored")
+    return {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape)}
 
 
 def shared_tensors(state: dict[str, Tensor]) -> dict[str, str]:
@@ -95,6 +133,8 @@ def write_compressed(
         "sha256": {name: _digest(t) for name, t in tensors.items()},
     }
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in header.items()}
+    table = {name: _tensor_entry(name, t) for name, t in tensors.items()}
+    metadata[HEADER_DIGEST] = header[HEADER_DIGEST] = header_digest(metadata, table)
     save_file(tensors, str(path), metadata=metadata)
     return header
 
@@ -116,6 +156,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             table = json.loads(handle.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CompressedFormatError(f"'{path}': unreadable safetensors header ({err})") from err
+    if not isinstance(table, dict) or not all(isinstance(e, dict) for e in table.values()):
+        raise CompressedFormatError(f"'{path}': safetensors header entries are not JSON objects")
     raw = table.pop("__metadata__", None) or {}
     if raw.get("format") != FORMAT_NAME:
         raise CompressedFormatError(
@@ -127,6 +169,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             f"'{path}': unknown header version {version!r} (this lightning-prune reads version "
             f"{FORMAT_VERSION}; upgrade lightning-prune to read newer files)"
         )
+    _check_header_digest(path, raw, table)
     try:
         meta = {
             k: raw[k] if k == "format" else json.loads(raw[k])
@@ -154,6 +197,25 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                 f"data section, which has {data_size} bytes"
             )
     return table, meta
+
+
+def _check_header_digest(path: Path, raw: dict[str, str], table: dict[str, Any]) -> None:
+    """Refuse a header whose metadata fields or tensor dtypes/shapes were changed after
+    writing. Files written before header digests existed load with a warning."""
+    stored = raw.get(HEADER_DIGEST)
+    if stored is None:
+        warnings.warn(
+            f"'{path}' has no {HEADER_DIGEST} (written by an earlier lightning-prune): its "
+            "per-tensor fields (shape, transposed, tied, dtypes) are not verified; re-export it",
+            stacklevel=3,
+        )
+        return
+    if header_digest(raw, table) != stored:
+        raise CompressedFormatError(
+            f"'{path}': the header fails its SHA-256 check ({HEADER_DIGEST}): a metadata field "
+            "(n, m, compressed shapes or transposed flags, tied, sha256) or a tensor's dtype or "
+            "shape was modified after writing"
+        )
 
 
 def read_compressed(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

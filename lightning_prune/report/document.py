@@ -5,9 +5,13 @@ from __future__ import annotations
 import base64
 import html
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from lightning_prune.protocol import KEY_FIELDS
+
+#: written into the head of every report; ``report --output`` replaces only files holding it
+GENERATOR = '<meta name="generator" content="lightning-prune report">'
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1500px; color: #222;
@@ -89,8 +93,14 @@ def page(title: str, sections: list[tuple[str, str, str]]) -> str:
     toc = " · ".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t, _ in sections)
     body = "".join(section(a, t, b) for a, t, b in sections)
     return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR}'
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
         f'<h1>{html.escape(title)}</h1><p class="muted">generated {stamp} by '
         f"lightning-prune report</p><nav>{toc}</nav>{body}</body></html>\n"
     )
+
+
+def is_report(path: Path) -> bool:
+    """Whether the file at ``path`` is a report written by :func:`page` (its first 4 KiB)."""
+    with path.open("rb") as file:
+        return GENERATOR.encode() in file.read(4096)

@@ -87,14 +87,27 @@ def _read_logs(run: RunData, root: Path) -> None:
     others = sorted(checkpoints.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     # a file, or a folder for sharded (FSDP2) checkpoints: load_learned_state reads both
     run.checkpoint = last if last.exists() else (others[-1] if others else None)
+    if run.checkpoint is not None:
+        _check_checkpoint(run.checkpoint)
+
+
+def _check_checkpoint(path: Path) -> None:
+    """Refuse, before anything is drawn or written, a run checkpoint that is unreadable, not
+    safe to read (a sharded folder failing verification) or holds non-finite learned state."""
+    from lightning_prune.checkpoints import check_checkpoint_usable
+
+    try:
+        check_checkpoint_usable(path)
+    except LightningPruneError as err:
+        raise ReportError(f"run checkpoint refused: {err}") from err
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     """Columns of a Lightning ``metrics.csv`` as ``(step, value)`` series (blank cells skipped)."""
     series: dict[str, list[tuple[int, float]]] = {}
     with path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            step = int(float(row.get("step") or 0))
+        for line, row in enumerate(csv.DictReader(handle), start=2):
+            step = _step(row.get("step"), path, line)
             for column, cell in row.items():
                 if column in ("step", "epoch") or cell in ("", None):
                     continue
@@ -105,6 +118,17 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
                 if math.isfinite(value):
                     series.setdefault(column, []).append((step, value))
     return series
+
+
+def _step(cell: str | None, path: Path, line: int) -> int:
+    """The ``step`` cell of one ``metrics.csv`` row as an integer (blank: 0)."""
+    try:
+        step = float(cell or 0)
+    except ValueError:
+        step = math.nan
+    if not math.isfinite(step):
+        raise ReportError(f"'{path}' line {line}: step {cell!r} is not a number")
+    return int(step)
 
 
 def _read_json_files(run: RunData, root: Path) -> None:

@@ -23,6 +23,9 @@ class Solver:
     #: the shipped mask is ``init_mask``'s as computed (no training changes it), so a one-shot
     #: method's bias compensation for that mask stays valid
     ships_init_mask: bool = False
+    #: the solver can learn decoder blocks one after another (``model.objective: blockwise``):
+    #: its update touches only parameters that have gradients, through the module's views
+    supports_blockwise: bool = False
 
     def configure_optimizers(self, module: PruningModule) -> Any:
         """Return what ``LightningModule.configure_optimizers`` returns."""

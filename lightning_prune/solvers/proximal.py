@@ -18,7 +18,8 @@ class ProximalSolver(Solver):
     """AdamW step on the smooth loss, then the exact prox of every non-smooth regularizer.
 
     The learning rate warms up linearly for ``warmup_ratio`` of the steps, then decays
-    linearly to zero.
+    linearly to zero; in a block-wise fit this schedule restarts on every block, and the prox
+    applies to the learned block only.
 
     Args:
         lr: peak learning rate of the surrogate weights.
@@ -31,6 +32,8 @@ class ProximalSolver(Solver):
         warmup_ratio: share of the steps spent warming up.
         grad_clip: gradient-norm clipping before every step (``None`` turns it off).
     """
+
+    supports_blockwise = True
 
     def __init__(
         self,
@@ -61,8 +64,9 @@ class ProximalSolver(Solver):
         optimizer = torch.optim.AdamW(
             self.param_groups(module, params), betas=self.betas, weight_decay=self.weight_decay
         )
-        total = max(int(module.trainer.estimated_stepping_batches), 1)
-        scheduler = LambdaLR(optimizer, warmup_linear_decay(total, int(self.warmup_ratio * total)))
+        period = module.steps_per_schedule()
+        factor = warmup_linear_decay(period, int(self.warmup_ratio * period))
+        scheduler = LambdaLR(optimizer, lambda step: factor(step % period))
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

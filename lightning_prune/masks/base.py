@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -148,6 +149,17 @@ class MaskFamily(ABC):
             raise ConfigError(f"mask mode: expected one of {MODES}, got '{mode}'")
         for parametrization in self.parametrizations().values():
             parametrization.set_mode(mode)
+
+    @contextmanager
+    def mode_while(self, mode: str) -> Iterator[None]:
+        """Run every target in ``mode`` inside the block (e.g. ``off``: the stored weights);
+        the mode before it is restored afterwards."""
+        modes = [p.mode for p in self.parametrizations().values()]
+        self.set_mode(mode)
+        try:
+            yield
+        finally:
+            self.set_mode(modes[0] if modes else "learn")
 
     def use_masks(self, masks: dict[str, torch.Tensor]) -> None:
         """Forward with the given hard masks (e.g. a one-shot baseline), not the learned ones."""

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -33,17 +32,6 @@ class Pruned(NamedTuple):
 PruneLayer = Callable[[int, dict[str, InputStats]], dict[str, Pruned]]
 
 
-@contextmanager
-def dense_forward(family: MaskFamily) -> Iterator[None]:
-    """Run the model on its stored weights (mask mode ``off``), restoring the mode after."""
-    modes = [p.mode for p in family.parametrizations().values()]
-    family.set_mode("off")
-    try:
-        yield
-    finally:
-        family.set_mode(modes[0] if modes else "learn")
-
-
 def layer_by_layer(
     model: nn.Module,
     family: MaskFamily,
@@ -64,7 +52,7 @@ def layer_by_layer(
     """
     targets = family.targets()
     results: dict[str, Pruned] = {}
-    with dense_forward(family):
+    with family.mode_while("off"):
         calibration = LayerwiseCalibration(
             model, batches, max_batches=max_batches, min_tokens=min_tokens, what=what
         )

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lightning_prune.errors import ConfigError
 from lightning_prune.ops.nm_prox import nm_topn_mask
+from lightning_prune.ops.refit import mean_shift_bias
 
 
 class InputStats:
@@ -184,9 +185,7 @@ def compensated_bias(rows: Tensor, bias: Tensor, mean: Tensor, kept: Tensor) -> 
         mean: per-input-column mean of its calibration inputs, ``[in]``.
         kept: bool per input column, ``True`` = kept.
     """
-    pruned = ~kept.to(rows.device)
-    shift = rows.detach().double()[:, pruned] @ mean.to(rows.device).double()[pruned]
-    return (bias.detach().double() + shift).to(bias.dtype)
+    return mean_shift_bias(bias, mean, rows, rows * kept.to(rows.device)[None, :])
 
 
 def unit_sums(column_scores: Tensor, units: int) -> Tensor:

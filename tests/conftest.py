@@ -76,3 +76,21 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     """Folders of tiny random models, one per supported architecture."""
     root = tmp_path_factory.mktemp("tiny")
     return {arch: str(build_tiny_random(arch, root / arch)) for arch in TINY_ARCHS}
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_distributed_state():
+    """An in-process fit under a distributed strategy (FSDP2 on one rank) initialises a process
+    group and writes MASTER_PORT and friends into ``os.environ``; later tests launch real
+    multi-process fits that would inherit them and bind the same port, or take themselves for an
+    already launched rank. Each test leaves the process group torn down and the environment as
+    it found it."""
+    before = dict(os.environ)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key in set(os.environ) - set(before):
+        del os.environ[key]
+    os.environ.update(before)

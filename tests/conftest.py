@@ -78,13 +78,25 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {arch: str(build_tiny_random(arch, root / arch)) for arch in TINY_ARCHS}
 
 
+#: variables a distributed launch writes into ``os.environ`` (Lightning, torch.distributed)
+LAUNCH_VARIABLES = (
+    "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+)
+SESSION_ENVIRONMENT = dict(os.environ)
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_distributed_state():
     """An in-process fit under a distributed strategy (FSDP2 on one rank) initialises a process
-    group and writes MASTER_PORT and friends into ``os.environ``; later tests launch real
-    multi-process fits that would inherit them and bind the same port, or take themselves for an
-    already launched rank. Each test leaves the process group torn down and the environment as
-    it found it."""
+    group and writes MASTER_PORT, LOCAL_RANK and friends into ``os.environ``; a later test that
+    launches real multi-process fits would inherit them, bind the same port or take itself for
+    an already launched rank and wait forever. Every test starts without launch variables the
+    session did not start with (module fixtures may have set some) and ends with the process
+    group torn down and the environment as it found it."""
+    for key in LAUNCH_VARIABLES:
+        if key not in SESSION_ENVIRONMENT:
+            os.environ.pop(key, None)
     before = dict(os.environ)
     yield
     import torch.distributed as dist

@@ -141,8 +141,12 @@ class PruneCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
+        """Lightning's ``fit`` and ``validate`` plus ``export`` and ``evaluate`` (``test`` and
+        ``predict`` have nothing to do here: a pruning run has no test set or predictions)."""
+        lightning = LightningCLI.subcommands()
         return {
-            **LightningCLI.subcommands(),
+            "fit": lightning["fit"],
+            "validate": lightning["validate"],
             "export": {"model", "datamodule"},
             "evaluate": {"model", "datamodule"},
         }
@@ -317,6 +321,16 @@ def _our_error(err: BaseException | None) -> LightningPruneError | None:
     return None
 
 
+#: ``lightning-prune --help``: the commands parsed outside LightningCLI are listed here too
+DESCRIPTION = (
+    "Learn pruning masks for causal LMs. Commands: fit (learn a mask), validate, export (write "
+    "the pruned model), evaluate (held-out perplexity); and, each with its own --help: "
+    "plugins (list the installed plugins), report (HTML report of a run or export), recover "
+    "(LoRA recovery fine-tuning of an export), lm-eval (lm-evaluation-harness on an export, "
+    "optional extra lightning-prune[lm-eval]). --debug before a command shows tracebacks."
+)
+
+
 def _run_cli(args: list[str] | None) -> None:
     PruneCLI(
         PruningModule,
@@ -324,8 +338,5 @@ def _run_cli(args: list[str] | None) -> None:
         trainer_class=PruningTrainer,
         args=args,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={
-            "description": "Learn pruning masks for causal LMs. "
-            "`lightning-prune plugins` lists the installed plugins."
-        },
+        parser_kwargs={"description": DESCRIPTION},
     )

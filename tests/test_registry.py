@@ -106,3 +106,17 @@ def test_name_clash_is_reported_not_resolved(clash_env) -> None:
     )
     assert result.returncode != 0
     assert "claimed by several distributions" in result.stderr + result.stdout
+
+
+def test_top_level_help_lists_every_command(capsys) -> None:
+    from lightning_prune.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    usage = out.splitlines()[0]
+    out = " ".join(out.split())  # help text is wrapped to the terminal width
+    assert "{fit,validate,export,evaluate}" in usage  # test / predict have nothing to run here
+    for command in ("plugins", "report", "recover", "lm-eval"):
+        assert f"{command} (" in out, command

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
+from importlib import resources
 
 import pytest
 import torch
 
-from lightning_prune.ops import nm_prox as nm_mod
+from lightning_prune.ops import nm_prox_native
 from lightning_prune.ops.nm_prox import (
     elementary_symmetric,
     is_nm,
@@ -31,7 +33,7 @@ def _one_thread():
 
 
 def _native_available() -> bool:
-    return nm_mod._native_fn() is not None
+    return nm_prox_native.kernel() is not None
 
 
 BACKENDS_24 = [
@@ -39,27 +41,13 @@ BACKENDS_24 = [
         "native",
         marks=pytest.mark.skipif(not _native_available(), reason="no native 2:4 kernel"),
     ),
-    "eager24",
-    "general",
+    "torch",
 ]
 
 
 def _prox(backend: str, z: torch.Tensor, lam, n: int, m: int) -> torch.Tensor:
-    """Run the prox through a chosen implementation (2:4 has three)."""
-    if backend == "general":
-        lam_g = nm_mod._lam_per_group(lam, z, z.shape[:-1] + (z.shape[-1] // m,))
-        flat = z.float().reshape(-1, m)
-        w = nm_mod._prox_general(flat.abs(), lam_g.reshape(-1).float(), n, 100, 1e-8)
-        return torch.copysign(w, flat).reshape(z.shape)
-    if backend == "eager24":
-        saved = dict(nm_mod._native_state)
-        nm_mod._native_state.update(fn=None, reason="disabled in test")
-        try:
-            return nm_prox(z, lam, n, m)
-        finally:
-            nm_mod._native_state.clear()
-            nm_mod._native_state.update(saved)
-    return nm_prox(z, lam, n, m)
+    """Run the prox through a chosen implementation (``public``: the default dispatch)."""
+    return nm_prox(z, lam, n, m, backend="auto" if backend == "public" else backend)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,13 +230,13 @@ def test_prox_per_row_lambda_and_out() -> None:
 
 
 @pytest.mark.skipif(not _native_available(), reason="no native 2:4 kernel")
-def test_native_matches_eager() -> None:
+def test_native_matches_torch() -> None:
     torch.manual_seed(2)
     z = torch.randn(97, 4 * 77) * 0.05  # odd sizes: tail blocks, rows straddling blocks
     z[:5] *= 20
     lam = torch.rand(97, 1) * 2
     a = _prox("native", z, lam, 2, 4)
-    b = _prox("eager24", z, lam, 2, 4)
+    b = _prox("torch", z, lam, 2, 4)
     a_ref = z.double().abs().view(-1, 4)
     lam_ref = lam.double().repeat_interleave(77)
     oa, ob = (
@@ -264,6 +252,33 @@ def test_native_matches_eager() -> None:
     assert torch.equal(zt, zt_before)
     z3 = z.view(97, 1, -1)
     assert torch.equal(nm_prox(z3, lam[:, :, None], 2, 4).view_as(a), a)
+
+
+def test_native_source_ships_and_build_says_why_not(monkeypatch) -> None:
+    source = resources.files("lightning_prune.ops").joinpath("csrc", nm_prox_native.SOURCE)
+    assert source.is_file()
+    monkeypatch.setenv(nm_prox_native.NATIVE_ENV, "0")
+    assert nm_prox_native._build() == (None, f"disabled by {nm_prox_native.NATIVE_ENV}")
+    monkeypatch.delenv(nm_prox_native.NATIVE_ENV)
+    monkeypatch.setattr(nm_prox_native, "_compiler", lambda: "cc")
+    monkeypatch.setattr(nm_prox_native, "SOURCE", "missing.c")
+    fn, reason = nm_prox_native._build()
+    assert fn is None and "missing.c" in reason
+
+
+def test_native_failure_warns_once_and_falls_back(monkeypatch) -> None:
+    monkeypatch.setattr(nm_prox_native, "_state", {})
+    monkeypatch.setattr(nm_prox_native, "_build", lambda: (None, "no luck"))
+    z = torch.randn(4, 16)
+    with pytest.warns(RuntimeWarning, match="native 2:4 kernel unavailable"):
+        w = nm_prox(z, 0.5, 2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(nm_prox(z, 0.5, 2, 4), w)
+    assert torch.equal(w, nm_prox(z, 0.5, 2, 4, backend="torch"))
+    assert nm_prox_native.unavailable_reason() == "no luck"
+    with pytest.raises(RuntimeError, match="no luck"):
+        nm_prox(z, 0.5, 2, 4, backend="native")
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (2, 8)])

@@ -6,8 +6,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_prune.data.mixture import Mixture, StreamLoader, WindowStream, open_mixture
 from lightning_prune.data.sampling import EpochShuffleSampler, ResumableDataLoader, SkipOnce
 from lightning_prune.data.sources import MAX_SOURCE_BYTES, read_documents
+from lightning_prune.data.streaming import StreamingConfig, check_streaming, is_heldout
 from lightning_prune.data.tokens import TokenSplits, pack, tokenize_splits
 from lightning_prune.errors import ConfigError
 
@@ -46,6 +48,9 @@ class CalibrationDataModule(LightningDataModule):
             together); local files must be regular files (no FIFOs or devices).
         trust_remote_code: load a tokenizer that ships its own Python code (``auto_map``);
             off by default, when such a tokenizer is refused.
+        streaming: stream the calibration and held-out text from ``datasets`` sources mixed
+            by weight, up to a token budget, instead of reading ``source`` whole
+            (docs/data.md); ``num_samples`` and ``source`` are then not used by ``fit``.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class CalibrationDataModule(LightningDataModule):
         split: str = "train",
         max_source_bytes: int = MAX_SOURCE_BYTES,
         trust_remote_code: bool = False,
+        streaming: StreamingConfig | None = None,
     ):
         super().__init__()
         for field, value in (
@@ -80,6 +86,10 @@ class CalibrationDataModule(LightningDataModule):
         self.text_column, self.dataset_config, self.split = text_column, dataset_config, split
         self.max_source_bytes, self.trust_remote_code = max_source_bytes, trust_remote_code
         self.splits: TokenSplits | None = None
+        self.streaming = None if streaming is None else check_streaming(streaming, seq_len)
+        if self.streaming is not None and not 0 < heldout_fraction < 1:
+            raise ConfigError(f"data.heldout_fraction: expected (0, 1), got {heldout_fraction}")
+        self.mixture: Mixture | None = None
         self._resume = SkipOnce()  # batches of the current epoch a resumed fit already saw
 
     def load_splits(self, source: str | None = None) -> TokenSplits:
@@ -97,8 +107,48 @@ class CalibrationDataModule(LightningDataModule):
         return tokenize_splits(documents, tokenizer, self.heldout_fraction, self.seed)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits is None:
+        if self.streaming is not None:
+            self.mixture = self.mixture or self.open_mixture()
+        elif self.splits is None:
             self.splits = self.load_splits()
+
+    def open_mixture(self) -> Mixture:
+        """The streamed sources, opened and checked, with this module's tokenizer."""
+        from lightning_prune.models import load_tokenizer
+
+        tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
+        return open_mixture(self.streaming.sources, tokenizer, self.seq_len)
+
+    def stream(self, world: int = 1, rank: int = 0) -> WindowStream:
+        """Rank ``rank``'s calibration windows: its share of ``token_budget`` tokens over
+        ``world`` ranks, from the documents that are not held out."""
+        self.setup()
+        count = self.streaming.token_budget // (self.seq_len * world)
+        if count == 0:
+            raise ConfigError(
+                f"data.streaming.token_budget: {self.streaming.token_budget} tokens over {world} "
+                f"ranks give no window of data.seq_len {self.seq_len} per rank; need at least "
+                f"{self.seq_len * world}"
+            )
+        return WindowStream(self.mixture, count, self._not_heldout, rank, world)
+
+    def _streamed_heldout(self) -> torch.Tensor:
+        """Held-out windows of the streamed sources (at most ``eval_tokens`` tokens)."""
+        self.setup()
+        count = self.eval_tokens // self.seq_len
+        windows = list(WindowStream(self.mixture, count, self._heldout, exact=False))
+        if not windows:
+            raise ConfigError(
+                f"data.streaming: the held-out documents give no window of data.seq_len "
+                f"{self.seq_len} within data.eval_tokens {self.eval_tokens}"
+            )
+        return torch.stack(windows)
+
+    def _heldout(self, text: str) -> bool:
+        return is_heldout(text, self.seed, self.heldout_fraction)
+
+    def _not_heldout(self, text: str) -> bool:
+        return not self._heldout(text)
 
     def calibration_windows(self) -> torch.Tensor:
         """``num_samples`` calibration windows drawn with ``seed``."""
@@ -115,6 +165,8 @@ class CalibrationDataModule(LightningDataModule):
 
     def heldout_windows(self, splits: TokenSplits | None = None) -> torch.Tensor:
         """Non-overlapping held-out windows (at most ``eval_tokens`` tokens)."""
+        if splits is None and self.streaming is not None:
+            return self._streamed_heldout()
         self.setup()
         windows = pack((splits or self.splits).heldout, self.seq_len, self.eval_tokens)
         if windows.shape[0] == 0:
@@ -124,10 +176,12 @@ class CalibrationDataModule(LightningDataModule):
             )
         return windows
 
-    def train_dataloader(self) -> DataLoader:
-        dataset = TokenWindows(self.calibration_windows())
+    def train_dataloader(self) -> DataLoader | StreamLoader:
         trainer = self.trainer  # data parallel: this rank's share of every global batch
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        if self.streaming is not None:
+            return StreamLoader(self.stream(world, rank), self.batch_size, self._resume)
+        dataset = TokenWindows(self.calibration_windows())
         return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -135,9 +189,11 @@ class CalibrationDataModule(LightningDataModule):
             resume=self._resume,
         )
 
-    def calibration_dataloader(self) -> DataLoader:
+    def calibration_dataloader(self) -> DataLoader | StreamLoader:
         """Every calibration window in order, on every rank (one-shot calibration gives the
         same masks on all ranks)."""
+        if self.streaming is not None:
+            return StreamLoader(self.stream(), self.batch_size)
         return DataLoader(TokenWindows(self.calibration_windows()), batch_size=self.batch_size)
 
     def val_dataloader(self) -> DataLoader:

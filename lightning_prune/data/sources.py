@@ -86,15 +86,14 @@ def _read_local(path: Path, text_column: str, limit: int) -> list[str]:
     return _read_file(path, text_column, limit)
 
 
-def regular_file_size(path: Path) -> int:
+def regular_file_size(path: Path, field: str = "data.source") -> int:
     """Size of ``path``, which must be a regular file once links are followed."""
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
         kind = _NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file")
         via = f" (a link to '{path.resolve()}')" if path.is_symlink() else ""
         raise DataSourceError(
-            f"data.source: '{path}'{via} is {kind}, expected a regular .txt, .jsonl or "
-            ".parquet file"
+            f"{field}: '{path}'{via} is {kind}, expected a regular .txt, .jsonl or .parquet file"
         )
     return os.stat(path).st_size
 
@@ -139,7 +138,7 @@ def _read_file(path: Path, text_column: str, limit: int) -> list[str]:
             raise DataSourceError(
                 f"data.text_column: {path} line {number} has no field '{text_column}'"
             )
-        documents.append(_text(record[text_column], f"{path} line {number}", text_column))
+        documents.append(text_value(record[text_column], f"{path} line {number}", text_column))
     return documents
 
 
@@ -166,7 +165,9 @@ def _read_parquet(path: Path, text_column: str, limit: int) -> list[str]:
         raise DataSourceError(
             f"data.source: '{path}' is not a readable parquet file ({err})"
         ) from err
-    return [_text(v, f"{path} row {row}", text_column) for row, v in enumerate(values, start=1)]
+    return [
+        text_value(v, f"{path} row {row}", text_column) for row, v in enumerate(values, start=1)
+    ]
 
 
 def _read_hub(source: str, text_column: str, dataset_config: str | None, split: str) -> list[str]:
@@ -186,18 +187,17 @@ def _read_hub(source: str, text_column: str, dataset_config: str | None, split: 
             f"(columns: {table.column_names})"
         )
     return [
-        _text(v, f"dataset '{source}' row {row}", text_column)
+        text_value(v, f"dataset '{source}' row {row}", text_column)
         for row, v in enumerate(table[text_column], start=1)
     ]
 
 
-def _text(value: Any, where: str, text_column: str) -> str:
+def text_value(value: Any, where: str, text_column: str, field: str = "data.text_column") -> str:
     """``value`` if it is a string; otherwise a ``DataSourceError`` naming ``where``."""
     if isinstance(value, str):
         return value
     raise DataSourceError(
-        f"data.text_column: {where}: field '{text_column}' is {_json_kind(value)}, expected a "
-        "string"
+        f"{field}: {where}: field '{text_column}' is {_json_kind(value)}, expected a string"
     )
 
 

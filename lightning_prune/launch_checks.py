@@ -1,4 +1,4 @@
-"""Checks of the trainer's strategy, devices and nodes, before any process starts or loads.
+"""Checks of the trainer's strategy, precision, devices and nodes, before any process starts.
 
 Every message names the ``trainer`` field at fault and what to use instead.
 """
@@ -19,6 +19,12 @@ GPU_ONLY = ("fsdp", "fsdpstrategy", "deepspeed", "deepspeedstrategy", "xla", "xl
 #: Lightning's FSDPStrategy (FSDP1): registered names and the class name
 FSDP1 = ("fsdp", "fsdp_cpu_offload", "fsdpstrategy")
 FSDP2 = "modelparallelstrategy"
+#: Lightning's short ``trainer.precision`` values and what they stand for
+PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+#: precisions that keep the mask state float32 while the LM computes in (b)float16 or float32
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
+#: precisions Lightning does not honour on CPU (it silently runs ``bf16-mixed`` instead)
+GPU_PRECISIONS = ("16-mixed",)
 
 
 def strategy_name(strategy: Any) -> str:
@@ -29,7 +35,7 @@ def strategy_name(strategy: Any) -> str:
 
 
 def check_trainer_config(config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> None:
-    """Raise ``ConfigError`` when the strategy, devices or nodes cannot work here."""
+    """Raise ``ConfigError`` when the strategy, precision, devices or nodes cannot work here."""
     env = os.environ if env is None else env
     strategy = config.get("strategy", "auto")
     name = strategy_name(strategy)
@@ -53,6 +59,7 @@ def check_trainer_config(config: Mapping[str, Any], env: Mapping[str, str] | Non
             "configs/fsdp2.yaml (ModelParallelStrategy: FSDP2 over gloo on CPU) or "
             "strategy: ddp"
         )
+    check_precision(config.get("precision"), name in FSDP1 or is_fsdp1(strategy), on_cpu)
     devices, nodes = config.get("devices", "auto"), config.get("num_nodes", 1)
     if name in FSDP1 or is_fsdp1(strategy):
         world = devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else None
@@ -62,6 +69,34 @@ def check_trainer_config(config: Mapping[str, Any], env: Mapping[str, str] | Non
     check_launcher(devices, nodes, env)
     if name == FSDP2 and not isinstance(strategy, str):
         check_model_parallel(strategy, devices, nodes)
+
+
+def precision_name(precision: Any) -> str:
+    """Lightning's full name of a ``trainer.precision`` value (``bf16`` -> ``bf16-mixed``)."""
+    value = "32-true" if precision is None else str(precision)
+    return PRECISION_ALIASES.get(value, value)
+
+
+def check_precision(precision: Any, fsdp1: bool, on_cpu: bool) -> None:
+    """``trainer.precision`` must keep the mask state float32 and be honoured where it runs."""
+    name = precision_name(precision)
+    if name not in PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision: '{precision}' is not supported; lightning-prune keeps the mask "
+            "state and its optimizer in float32 and the LM in model.dtype, expected one of "
+            f"{', '.join(PRECISIONS)}"
+        )
+    if name in GPU_PRECISIONS and on_cpu:
+        raise ConfigError(
+            f"trainer.precision: '{precision}' needs a CUDA GPU (float16 autocast) and this run "
+            "is on CPU, where Lightning would run bf16-mixed instead; use bf16-mixed"
+        )
+    if name.endswith("-true") and name != "32-true" and fsdp1:
+        raise ConfigError(
+            f"trainer.precision: '{precision}' with FSDPStrategy (FSDP1) would cast the float32 "
+            "mask state flattened with the LM; use bf16-mixed (FSDP1 computes in bfloat16 and "
+            "keeps float32 shards)"
+        )
 
 
 def check_launcher(devices: Any, nodes: Any, env: Mapping[str, str]) -> None:

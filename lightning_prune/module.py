@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_prune import __version__, fsdp1
 from lightning_prune.adapters import adapter_for
 from lightning_prune.blockwise import BlockInputs, BlockwiseObjective, reconstruction_loss
 from lightning_prune.errors import ConfigError
 from lightning_prune.identity import config_differences, config_record, model_weights_digest
-from lightning_prune.masks.base import MaskFamily
+from lightning_prune.masks.base import STATE_DTYPE, MaskFamily
 from lightning_prune.masks.init import build_initializer, initializer_name
 from lightning_prune.models import load_causal_lm
 from lightning_prune.models.sharded_loading import (
@@ -51,7 +52,8 @@ class PruningModule(LightningModule):
             ``wanda``) or ``{class_path: NAME, init_args: {...}}``; ``None`` starts from the
             pretrained weights. Applied when a trainer runs (``fit``/``validate``); export and
             evaluate take the state from the checkpoint.
-        dtype: dtype the LM is loaded in.
+        dtype: dtype the LM is loaded in (the learnable mask state is float32 whatever it is;
+            see ``trainer.precision`` in docs/scaling.md).
         attn_implementation: HF attention implementation.
         objective: ``end_to_end`` (the LM loss of the whole masked model, the papers' method)
             or ``blockwise`` (decoder blocks learned one after another, each to reproduce its
@@ -142,6 +144,7 @@ class PruningModule(LightningModule):
         if mesh is not None:
             shard_model(model, adapter, self.mask_family, mesh)
         elif self._trainer is not None and fsdp1.is_fsdp1(self.trainer.strategy):
+            check_fsdp1_dtypes(self.mask_family)
             layout = fsdp1.wrap_model(model, adapter, self.mask_family, self.trainer.strategy)
             fsdp1.check_regularizers(self.regularizers, layout)
             self.model, self.fsdp1_layout = layout.root, layout
@@ -270,6 +273,21 @@ class PruningModule(LightningModule):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
         return self.model(input_ids=input_ids, labels=labels)
+
+    def precision_record(self) -> dict[str, str]:
+        """The trainer's precision, the frozen target weights' dtype and the mask state's."""
+        learned = {p.dtype for p in self.parameters() if p.requires_grad}
+        return {
+            "precision": str(self.trainer.precision),
+            "model_dtype": _dtype_names(w.dtype for w in self.mask_family.originals().values()),
+            "mask_state_dtype": _dtype_names(learned),
+        }
+
+    def on_fit_start(self) -> None:
+        record = self.precision_record()
+        rank_zero_info("lightning-prune: " + ", ".join(f"{k} {v}" for k, v in record.items()))
+        for logger in self.loggers:
+            logger.log_hyperparams(record)
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -445,6 +463,32 @@ class PruningModule(LightningModule):
         check_checkpoint(checkpoint, self)
         if self.fsdp1_layout is not None and self._trainer is not None:
             fsdp1.unshard_optimizer_states(self.trainer.optimizers)  # loaded by the strategy
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    """``bfloat16``, or ``bfloat16+float32`` for several dtypes."""
+    return "+".join(sorted({str(d).removeprefix("torch.") for d in dtypes})) or "none"
+
+
+def check_fsdp1_dtypes(family: MaskFamily) -> None:
+    """FSDP1 flattens each unit's frozen weights and its sharded mask state (surrogates) into
+    one tensor of one dtype: refuse an LM whose dtype is not the mask state's (float32)."""
+    replicated = {id(p) for p in family.replicated_parameters()}
+    sharded = [
+        p
+        for parametrization in family.parametrizations().values()
+        for p in parametrization.parameters()
+        if id(p) not in replicated
+    ]
+    dtypes = {w.dtype for w in family.originals().values()}
+    if sharded and dtypes != {STATE_DTYPE}:
+        raise ConfigError(
+            f"model.dtype: {_dtype_names(dtypes)} with FSDPStrategy (FSDP1), which flattens "
+            "every decoder layer's frozen weights and its float32 surrogate weights into one "
+            "tensor of a single dtype; set model.dtype: float32 and trainer.precision: "
+            "bf16-mixed (FSDP1 computes in bfloat16 and keeps float32 shards), or shard with "
+            "configs/fsdp2.yaml"
+        )
 
 
 def _keep_learned_state(module: PruningModule, state_dict: dict, prefix: str, metadata) -> None:

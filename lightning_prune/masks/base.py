@@ -16,10 +16,34 @@ from lightning_prune.adapters.base import ModelAdapter
 from lightning_prune.errors import ConfigError
 
 MODES = ("learn", "hard", "off")
+#: dtype of every learnable mask tensor (and so of its optimizer state), whatever the LM's dtype:
+#: AdamW steps of ~1e-4 on weights of ~0.02 are below bfloat16's resolution and would vanish
+STATE_DTYPE = torch.float32
 
 
-class MaskParametrization(nn.Module):
-    """Base of mask parametrizations: one forward per mode, the hard mask cached once computed."""
+class Float32State(nn.Module):
+    """A module whose own ``float32`` tensors stay ``float32`` when the model is cast.
+
+    ``model.to(dtype)`` (Lightning's ``bf16-true``/``16-true`` precision casts the whole module)
+    only moves them to the target device; the frozen LM around them takes the new dtype.
+    """
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        def keep_float32(tensor: torch.Tensor) -> torch.Tensor:
+            applied = fn(tensor)
+            if tensor.dtype == STATE_DTYPE and applied.dtype != STATE_DTYPE:
+                return tensor.to(device=applied.device)
+            return applied
+
+        return super()._apply(keep_float32, recurse)
+
+
+class MaskParametrization(Float32State):
+    """Base of mask parametrizations: one forward per mode, the hard mask cached once computed.
+
+    Learnable state is created in :data:`STATE_DTYPE`; ``learned_weight`` returns the weight in
+    the original weight's dtype, so the LM's matmuls run in the dtype it was loaded in.
+    """
 
     def __init__(self) -> None:
         super().__init__()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_prune.errors import ConfigError
-from lightning_prune.masks.base import MaskFamily, MaskParametrization
+from lightning_prune.masks.base import STATE_DTYPE, MaskFamily, MaskParametrization
 from lightning_prune.ops.nm_prox import is_nm, nm_topn_mask
 from lightning_prune.sharding import is_sharded, local
 
@@ -19,12 +19,13 @@ class NMSurrogate(MaskParametrization):
 
     The pretrained weight stays in ``parametrizations.weight.original`` (frozen). Groups are M
     consecutive input weights of one output row; ``transposed`` marks ``[in, out]`` storage.
+    The surrogate is a ``float32`` copy of W0 whatever W0's dtype; the forward casts it to W0's.
     """
 
     def __init__(self, weight: torch.Tensor, n: int, m: int, transposed: bool):
         super().__init__()
         self.n, self.m, self.transposed = n, m, transposed
-        self.surrogate = nn.Parameter(weight.detach().clone(), requires_grad=True)
+        self.surrogate = nn.Parameter(weight.detach().to(STATE_DTYPE, copy=True))
         self.weight_shape = tuple(weight.shape)
         self.w0_rms = 0.0 if weight.is_meta else weight.detach().float().pow(2).mean().sqrt().item()
 
@@ -75,7 +76,7 @@ class NMSurrogate(MaskParametrization):
         return super().forward(original)
 
     def learned_weight(self, original: torch.Tensor) -> torch.Tensor:
-        return self.surrogate
+        return self.surrogate.to(original.dtype)
 
 
 class NMMaskFamily(MaskFamily):

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from lightning_prune.adapters.base import ModelAdapter, StructuredSpec
 from lightning_prune.errors import ConfigError
-from lightning_prune.masks.base import MaskFamily, MaskParametrization
+from lightning_prune.masks.base import STATE_DTYPE, Float32State, MaskFamily, MaskParametrization
 from lightning_prune.ops.hard_concrete import (
     expected_score,
     sample_hard_concrete,
@@ -63,9 +63,10 @@ class UnitGate(MaskParametrization):
         super().__init__()
         self.kind, self.units, self.unit_size, self.groups = kind, units, unit_size, groups
         self.weight_shape, self.transposed, self.gate = tuple(weight_shape), transposed, gate
-        self.logits = nn.Parameter(torch.full((units,), float(init_logit)))
-        self.y1 = nn.Parameter(torch.zeros(()))  # Lagrange multipliers of this layer and kind
-        self.y2 = nn.Parameter(torch.zeros(()))
+        self.logits = nn.Parameter(torch.full((units,), float(init_logit), dtype=STATE_DTYPE))
+        # Lagrange multipliers of this layer and kind
+        self.y1 = nn.Parameter(torch.zeros((), dtype=STATE_DTYPE))
+        self.y2 = nn.Parameter(torch.zeros((), dtype=STATE_DTYPE))
         self.keep = units  # final kept count (set by the family)
         self.train_keep = units  # count of the straight-through forward (ramped target)
 
@@ -108,7 +109,7 @@ class _Kind:
     fixed_target: float | None = None  # kept fraction when given per type
 
 
-class UniformStructuredFamily(MaskFamily, nn.Module):
+class UniformStructuredFamily(MaskFamily, Float32State):
     """Uniform structured pruning: attention heads and MLP channels, the same count per layer.
 
     Either give the kept share per type (``keep_heads``, ``keep_channels``) or one ``budget``
@@ -332,7 +333,7 @@ class UniformStructuredFamily(MaskFamily, nn.Module):
         """Initial learned targets: the same kept share for every kind, on the budget."""
         costs, lower, upper = self._budget_box()
         remaining = self._remaining()
-        start = torch.full((len(self._kinds),), remaining / float(costs.sum()))
+        start = torch.full((len(self._kinds),), remaining / float(costs.sum()), dtype=STATE_DTYPE)
         return project_to_budget(start, costs, remaining, lower, upper).float()
 
     @torch.no_grad()
@@ -352,8 +353,9 @@ class UniformStructuredFamily(MaskFamily, nn.Module):
             [self.num_layers * i.units * i.unit_params for i in self._kinds.values()],
             dtype=torch.float64,
         )
-        lower = torch.tensor([min(i.allowed) / i.units for i in self._kinds.values()])
-        return costs, lower.double(), torch.ones(len(self._kinds), dtype=torch.float64)
+        shares = [min(i.allowed) / i.units for i in self._kinds.values()]
+        lower = torch.tensor(shares, dtype=STATE_DTYPE).double()
+        return costs, lower, torch.ones(len(self._kinds), dtype=torch.float64)
 
     def _remaining(self) -> float:
         fixed, total = self._budget_terms
@@ -376,7 +378,7 @@ class UniformStructuredFamily(MaskFamily, nn.Module):
         """The shared kept fraction of ``kind`` (a parameter when learned under a budget)."""
         if self.learned_targets is not None:
             return self.learned_targets[list(self._kinds).index(kind)]
-        return torch.tensor(self._kinds[kind].fixed_target)
+        return torch.tensor(self._kinds[kind].fixed_target, dtype=STATE_DTYPE)
 
     def current_target(self, kind: str) -> torch.Tensor:
         """The ramped target used by the Lagrangian at the current step."""

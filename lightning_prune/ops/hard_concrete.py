@@ -48,8 +48,9 @@ def sample_hard_concrete(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """One reparametrised sample of the gates in ``[0, 1]`` (exact zeros and ones occur)."""
-    u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device)
-    u = u.to(log_alpha.dtype).clamp(_EPS, 1 - _EPS)
+    u = torch.rand(
+        log_alpha.shape, generator=generator, device=log_alpha.device, dtype=log_alpha.dtype
+    ).clamp(_EPS, 1 - _EPS)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
     return (s * (limit_r - limit_l) + limit_l).clamp(0.0, 1.0)
 

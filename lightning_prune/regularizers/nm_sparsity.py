@@ -73,7 +73,7 @@ class NMSparsityRegularizer(Regularizer):
 
     @torch.no_grad()
     def penalty(self, family: MaskFamily) -> torch.Tensor:
-        total = torch.zeros(())
+        total = torch.zeros((), dtype=torch.float32)
         for parametrization in family.parametrizations().values():
             rows = parametrization.local_rows()
             value = nm_regularizer(rows, parametrization.n, parametrization.m)

@@ -66,10 +66,11 @@ class NMSparsityRegularizer(Regularizer):
 
     @torch.no_grad()
     def prox_(self, family: MaskFamily, lr: float) -> None:
-        for parametrization in family.parametrizations().values():
+        for name, parametrization in family.parametrizations().items():
             rows = parametrization.local_rows()  # whole groups on every FSDP2 shard
             lam = self.layer_lambda(parametrization, lr)
-            rows.copy_(nm_prox(rows, lam, parametrization.n, parametrization.m))
+            n, m = parametrization.n, parametrization.m
+            rows.copy_(nm_prox(rows, lam, n, m, name=name))  # a refused shape names the layer
 
     @torch.no_grad()
     def penalty(self, family: MaskFamily) -> torch.Tensor:

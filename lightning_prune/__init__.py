@@ -1,6 +1,6 @@
 """lightning-prune: learn pruning masks for Hugging Face causal LMs with PyTorch Lightning."""
 
-__version__ = "0.1.0"
+from lightning_prune.version import __version__
 
 __all__ = ["__version__", "load_pretrained"]
 

@@ -4,20 +4,22 @@ Nothing from a checkpoint is ever unpickled: files are read with ``torch.load(we
 True)``; a sharded folder is verified by :func:`lightning_prune.dcp_guard.verify_sharded_folder`
 before torch's distributed checkpoint reader sees it. :func:`read_checkpoint` then checks the
 model's identity (shapes, config, weights digest), the mask family and that every learned
-tensor is finite, before export, evaluate or report use the state.
+tensor is finite (``check_checkpoint`` of the module, on the rules of
+:mod:`lightning_prune.checkpoint_format`), before export, evaluate or report use the state.
 """
 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from lightning_prune.checkpoint_format import LAYOUT_KEY, check_finite_state
 from lightning_prune.dcp_guard import META_NAME, verify_sharded_folder
 from lightning_prune.errors import ConfigError, MissingPathError
-from lightning_prune.module import PruningModule, check_checkpoint, check_finite_state
 
 #: how each kind of run is named in errors, and what resumes its checkpoints
 SAVED_BY = {
@@ -34,6 +36,16 @@ RESUME_WITH = {
 SHARDED_PREFIX = {"fsdp1": "model.", "fsdp2": "state_dict."}
 
 
+class CheckpointTarget(Protocol):
+    """What reading a checkpoint into a module needs of it (``PruningModule`` provides it)."""
+
+    def configure_model(self) -> None: ...
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any: ...
+
+
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is read as a distributed (sharded) checkpoint folder (FSDP2 or FSDP1,
     one file a rank): any folder is, and is verified before anything of it is read."""
@@ -42,7 +54,7 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 
 def saved_sharding(header: dict[str, Any]) -> str:
     """``fsdp1``, ``fsdp2`` or ``unsharded``: the layout a checkpoint was saved with."""
-    layout = header.get("lightning_prune_layout", {})
+    layout = header.get(LAYOUT_KEY, {})
     if layout.get("fsdp1"):
         return "fsdp1"
     return "fsdp2" if layout.get("fsdp2") else "unsharded"
@@ -151,7 +163,7 @@ def check_resume_layout(
     if saved == "unsharded" and is_sharded_checkpoint(path):
         saved = "fsdp2"  # a folder without a layout record
     if saved != current:
-        ranks = header.get("lightning_prune_layout", {}).get("world_size", 1)
+        ranks = header.get(LAYOUT_KEY, {}).get("world_size", 1)
         raise ConfigError(
             f"ckpt_path: '{path}' was saved by {SAVED_BY[saved]} on {ranks} rank(s); resume "
             f"it with {RESUME_WITH[saved]}: its optimizer state cannot be resharded onto "
@@ -198,7 +210,7 @@ def read_sharded_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
     return checkpoint, state
 
 
-def read_checkpoint(module: PruningModule, ckpt_path: str | Path) -> dict[str, Any]:
+def read_checkpoint(module: CheckpointTarget, ckpt_path: str | Path) -> dict[str, Any]:
     """A fit checkpoint (file or sharded folder) with its learned state as whole tensors,
     checked against ``module`` (identity, mask family, learnable tensors, finite values).
 
@@ -215,7 +227,7 @@ def read_checkpoint(module: PruningModule, ckpt_path: str | Path) -> dict[str, A
     if not isinstance(checkpoint.get("state_dict"), dict):
         raise ConfigError(f"ckpt_path: '{path}' holds no state_dict")
     module.configure_model()
-    check_checkpoint(checkpoint, module)
+    module.check_checkpoint(checkpoint)
     return checkpoint
 
 
@@ -231,7 +243,9 @@ def check_checkpoint_usable(path: str | Path) -> None:
     check_finite_state(state)
 
 
-def consolidate_checkpoint(module: PruningModule, sharded: str | Path, output: str | Path) -> Path:
+def consolidate_checkpoint(
+    module: CheckpointTarget, sharded: str | Path, output: str | Path
+) -> Path:
     """Write a sharded checkpoint folder as one full checkpoint file (learned state, metadata;
     the optimizer state stays in the folder, so the file serves export/evaluate)."""
     checkpoint = read_checkpoint(module, sharded)
@@ -243,7 +257,7 @@ def consolidate_checkpoint(module: PruningModule, sharded: str | Path, output: s
     return output
 
 
-def load_learned_state(module: PruningModule, ckpt_path: str | Path) -> None:
+def load_learned_state(module: CheckpointTarget, ckpt_path: str | Path) -> None:
     """Build the module's model and load a fit checkpoint into it (see :func:`read_checkpoint`).
 
     ``ckpt_path`` is a single-file checkpoint or a sharded (distributed) checkpoint folder.

@@ -15,7 +15,7 @@ from lightning_prune.errors import ConfigError, MissingPathError
 from lightning_prune.evaluation import format_table, perplexity, write_json
 from lightning_prune.export.atomic import check_output_file, check_target
 from lightning_prune.masks.init import one_shot_applied
-from lightning_prune.module import PruningModule, check_checkpoint
+from lightning_prune.module import PruningModule
 from lightning_prune.protocol import (
     check_comparable,
     evaluation_record,
@@ -60,7 +60,10 @@ def run_export(
 
         path = export_compressed_nm(module, output_dir, overwrite, run_config, dtype)
     else:
-        exporter = module.mask_family.hf_exporter()  # the family decides: zeros or sliced
+        from lightning_prune.export.hf import export_hf
+
+        # the family decides: zeros (the default) or sliced
+        exporter = module.mask_family.hf_exporter() or export_hf
         path = exporter(module, output_dir, overwrite=overwrite, run_config=run_config)
     print(f"exported {export_format} model to {path}")
     return path
@@ -82,7 +85,7 @@ def check_checkpoint_early(module: PruningModule, ckpt_path: str | Path) -> None
     header = read_checkpoint_header(ckpt_path)
     if not isinstance(header, dict):
         raise ConfigError(f"ckpt_path: '{ckpt_path}' is not a lightning-prune checkpoint")
-    check_checkpoint(header, module)
+    module.check_checkpoint(header)
 
 
 def _is_evaluation_record(path: Path) -> bool:

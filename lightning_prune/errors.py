@@ -32,6 +32,18 @@ def debug_requested() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
 
 
+def user_error(err: BaseException | None) -> LightningPruneError | None:
+    """``err`` or the error it wraps (jsonargparse wraps errors raised in ``__init__``), if
+    that is a user error; ``None`` for a bug (its traceback is shown as is)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, LightningPruneError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def print_error(err: BaseException, debug: bool = False) -> None:
     """Print ``lightning-prune: error: <err>`` to stderr, after the traceback when ``debug``."""
     if debug or debug_requested():

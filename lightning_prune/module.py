@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -12,11 +11,26 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_prune import __version__, fsdp1
+from lightning_prune import fsdp1
 from lightning_prune.adapters import adapter_for
 from lightning_prune.blockwise import BlockInputs, BlockwiseObjective, reconstruction_loss
+from lightning_prune.checkpoint_format import (
+    LAYOUT_KEY,
+    RECORD_KEY,
+    check_identity,
+    check_learned_state,
+    fingerprint_record,
+    layout_record,
+    saved_record,
+)
+from lightning_prune.checkpoints import (
+    check_resume_layout,
+    check_sharded_strategy,
+    is_sharded_checkpoint,
+    read_checkpoint_header,
+)
 from lightning_prune.errors import ConfigError
-from lightning_prune.identity import config_differences, config_record, model_weights_digest
+from lightning_prune.identity import config_record, model_weights_digest
 from lightning_prune.masks.base import STATE_DTYPE, MaskFamily
 from lightning_prune.masks.init import build_initializer, initializer_name
 from lightning_prune.models import load_causal_lm
@@ -29,9 +43,6 @@ from lightning_prune.registry import get_registry
 from lightning_prune.regularizers.base import Regularizer
 from lightning_prune.sharding import all_reduce_replicated_grads, fsdp_mesh, shard_model
 from lightning_prune.solvers.base import Solver
-
-#: layout of the ``lightning_prune`` checkpoint record and learned state; bump on changes
-CHECKPOINT_FORMAT = 1
 
 
 class PruningModule(LightningModule):
@@ -195,14 +206,7 @@ class PruningModule(LightningModule):
         sharded folder needs FSDP2."""
         if not Path(ckpt_path).exists():
             return  # "last", "hpc" and missing files: Lightning reports them
-        from lightning_prune.checkpoints import (
-            check_resume_layout,
-            check_sharded_strategy,
-            is_sharded_checkpoint,
-            read_checkpoint_header,
-        )
-
-        check_checkpoint(read_checkpoint_header(ckpt_path), self)
+        self.check_checkpoint(read_checkpoint_header(ckpt_path))
         fsdp2 = isinstance(trainer.strategy, ModelParallelStrategy)
         on_fsdp1 = fsdp1.is_fsdp1(trainer.strategy)
         world = trainer.num_devices * trainer.num_nodes
@@ -416,24 +420,26 @@ class PruningModule(LightningModule):
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must match to be loaded into this module: the model's shapes, its
         content (config fields and weights digest, see :mod:`lightning_prune.identity`), the
-        mask family and the checkpoint format. The content is computed once per module."""
+        mask family and the checkpoint format (see :mod:`lightning_prune.checkpoint_format`).
+        The content is computed once per module."""
         config = self.model.config if self.model is not None else self._hf_config()
         if getattr(self, "_content_identity", None) is None:
             self._content_identity = {
                 "config": config_record(self._hf_config()),
                 "weights_sha256": model_weights_digest(self.model_name),
             }
-        return {
-            "model": self.model_name,
-            "model_type": config.model_type,
-            "num_hidden_layers": config.num_hidden_layers,
-            "hidden_size": config.hidden_size,
-            "vocab_size": config.vocab_size,
-            **self._content_identity,
-            "mask_family": type(self.mask_family).__name__,
-            "version": __version__,
-            "format": CHECKPOINT_FORMAT,
-        }
+        return fingerprint_record(
+            self.model_name, config, self._content_identity, type(self.mask_family).__name__
+        )
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Raise ``ConfigError`` when ``checkpoint`` was made for another model (shapes, config
+        fields or weights) or mask, lacks learnable tensors, or holds a non-finite learned
+        value (a header without ``state_dict`` is checked for the model and mask only)."""
+        saved = saved_record(checkpoint)
+        check_identity(saved, self.fingerprint())
+        if "state_dict" in checkpoint:  # absent from a header, or when FSDP2 loaded the shards
+            check_learned_state(checkpoint["state_dict"], learnable_names(self))
 
     def learned_state_keys(self) -> set[str]:
         """State-dict keys a checkpoint keeps: trainable tensors, replaced W0s and biases."""
@@ -451,16 +457,15 @@ class PruningModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.learned_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["lightning_prune"] = self.fingerprint()
-        checkpoint["lightning_prune_layout"] = {
-            "fsdp2": self._device_mesh is not None,
-            "world_size": self.trainer.world_size if self._trainer is not None else 1,
-        }
-        if self.fsdp1_layout is not None:
-            checkpoint["lightning_prune_layout"]["fsdp1"] = True
+        checkpoint[RECORD_KEY] = self.fingerprint()
+        checkpoint[LAYOUT_KEY] = layout_record(
+            fsdp2=self._device_mesh is not None,
+            world_size=self.trainer.world_size if self._trainer is not None else 1,
+            fsdp1=self.fsdp1_layout is not None,
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_checkpoint(checkpoint, self)
+        self.check_checkpoint(checkpoint)
         if self.fsdp1_layout is not None and self._trainer is not None:
             fsdp1.unshard_optimizer_states(self.trainer.optimizers)  # loaded by the strategy
 
@@ -504,78 +509,3 @@ def _keep_learned_state(module: PruningModule, state_dict: dict, prefix: str, me
 def learnable_names(module: torch.nn.Module) -> set[str]:
     """State-dict names of the trainable parameters (FSDP1's wrapper prefixes removed)."""
     return {fsdp1.clean_name(n) for n, p in module.named_parameters() if p.requires_grad}
-
-
-def check_checkpoint(checkpoint: dict[str, Any], module: PruningModule) -> None:
-    """Raise ``ConfigError`` when ``checkpoint`` was made for another model (shapes, config
-    fields or weights) or mask, lacks learnable tensors, or holds a non-finite learned value."""
-    saved = checkpoint.get("lightning_prune")
-    if not isinstance(saved, dict):
-        raise ConfigError("ckpt_path: not a lightning-prune checkpoint (no 'lightning_prune' key)")
-    current = module.fingerprint()
-    if saved.get("format", 1) != CHECKPOINT_FORMAT:
-        raise ConfigError(
-            f"ckpt_path: checkpoint format {saved.get('format')} written by lightning-prune "
-            f"{saved.get('version')}; this lightning-prune {__version__} reads format "
-            f"{CHECKPOINT_FORMAT}: export it with the version that wrote it"
-        )
-    keys = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size", "mask_family")
-    wrong = {k: (saved.get(k), current[k]) for k in keys if saved.get(k) != current[k]}
-    wrong.update(_content_mismatch(saved, current))
-    if wrong:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in wrong.items())
-        raise ConfigError(
-            f"ckpt_path: checkpoint was made for another model or mask ({detail}); "
-            f"it was saved for model '{saved.get('model')}'"
-        )
-    if "state_dict" not in checkpoint:  # a header, or FSDP2 already loaded the shards
-        return
-    expected = learnable_names(module)
-    missing = expected - set(checkpoint["state_dict"])
-    if missing:
-        raise ConfigError(
-            f"ckpt_path: checkpoint lacks {len(missing)} learnable tensors "
-            f"(e.g. {sorted(missing)[0]})"
-        )
-    check_finite_state(checkpoint["state_dict"])
-
-
-def _content_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple]:
-    """Config fields and the weights digest that differ (``{field: (checkpoint, model)}``).
-
-    Checkpoints written before content fingerprints (no ``config`` record) pass with a
-    warning: their model is checked by shapes only. A digest is compared where both sides
-    have one (models without local safetensors files have none).
-    """
-    if not isinstance(saved.get("config"), str):
-        warnings.warn(
-            f"ckpt_path: this checkpoint (lightning-prune {saved.get('version')}) records no "
-            "config or weights digest of its model; only the model's shapes were checked",
-            stacklevel=3,
-        )
-        return {}
-    try:
-        differences = config_differences(saved["config"], current["config"])
-    except ValueError as err:
-        raise ConfigError(
-            f"ckpt_path: the checkpoint's config record is unreadable ({err})"
-        ) from err
-    wrong = {f"config.{key}": values for key, values in differences.items()}
-    digests = saved.get("weights_sha256"), current["weights_sha256"]
-    if None not in digests and digests[0] != digests[1]:
-        wrong["weights_sha256"] = (str(digests[0])[:16], digests[1][:16])
-    return wrong
-
-
-def check_finite_state(state: dict[str, Any]) -> None:
-    """Refuse learned state holding NaN or infinity, naming the first such tensor."""
-    for name, tensor in state.items():
-        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
-            continue
-        bad = ~torch.isfinite(tensor)
-        if bad.any():
-            kinds = [k for k, f in (("nan", torch.isnan), ("inf", torch.isinf)) if f(tensor).any()]
-            raise ConfigError(
-                f"ckpt_path: learned tensor '{name}' holds {int(bad.sum())} non-finite values "
-                f"({', '.join(kinds)}) of {tensor.numel()}; the checkpoint is unusable"
-            )

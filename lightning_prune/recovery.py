@@ -9,6 +9,8 @@ merges what was learned into the weights and writes a new export, atomically and
   would fill the pruned zeros.
 - ``method: full``: every decoder linear weight is trained. On an N:M export the gradient of each
   zero weight is masked out, so with AdamW (no weight decay) zeros stay exactly zero.
+
+The command itself (its LightningCLI) is :mod:`lightning_prune.cli.recover`.
 """
 
 from __future__ import annotations
@@ -19,20 +21,18 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import LightningArgumentParser
 from torch.optim.lr_scheduler import LambdaLR
 
-from lightning_prune.cli import PruneCLI, PruningTrainer
-from lightning_prune.data.datamodule import CalibrationDataModule
 from lightning_prune.errors import ConfigError
 from lightning_prune.export.atomic import atomic_directory, check_target
-from lightning_prune.export.hf import ExportError, probe_tokens
-from lightning_prune.export.structured import verify_in_fresh_process
+from lightning_prune.export.common import (
+    LOGITS_ATOL,
+    ExportError,
+    probe_tokens,
+    verify_in_fresh_process,
+)
 from lightning_prune.models import load_causal_lm, load_tokenizer
 from lightning_prune.solvers.base import warmup_linear_decay
-
-#: tolerance between the recovered model in memory and its reload in a fresh process
-LOGITS_ATOL = 1e-4
 
 
 class RecoveryModule(LightningModule):
@@ -210,34 +210,3 @@ def _with_lora(model: torch.nn.Module, rank: int, alpha: float) -> torch.nn.Modu
         r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", bias="none"
     )
     return get_peft_model(model, config)
-
-
-class RecoveryCLI(PruneCLI):
-    """``lightning-prune recover``: a Lightning fit of :class:`RecoveryModule`, then the export
-    (with the same resume state, numeric checks and atomic checkpoints as mask learning)."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.export_dir", "data.tokenizer")
-
-
-def recover_main(args: list[str]) -> None:
-    """Run ``lightning-prune recover ARGS`` (see ``lightning-prune recover --help``)."""
-    cli = RecoveryCLI(
-        RecoveryModule,
-        CalibrationDataModule,
-        trainer_class=PruningTrainer,
-        args=args,
-        run=False,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={
-            "description": "Recovery fine-tuning of an exported pruned model (LoRA or full), "
-            "merged and written as a new verified export."
-        },
-    )
-    run_folder = ("the run folder (trainer.default_root_dir)", Path(cli.trainer.default_root_dir))
-    cli.model.protected.append(run_folder)  # it holds the recovery's checkpoints
-    check_target(cli.model.output_dir, cli.model.overwrite, cli.model.protected)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    if cli.trainer.is_global_zero:
-        path = cli.model.write_export(cli.trainer.global_step)
-        print(f"recovered model written to {path}")

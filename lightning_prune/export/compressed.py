@@ -12,31 +12,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_prune.errors import ConfigError
 from lightning_prune.export.atomic import atomic_directory
-from lightning_prune.export.compressed_file import WEIGHTS_NAME, shared_tensors, write_compressed
-from lightning_prune.export.hf import (
+from lightning_prune.export.common import (
     LOGITS_ATOL,
     ExportError,
+    ExportSource,
     export_record,
     masked_reference,
     write_export_folder,
 )
+from lightning_prune.export.compressed_file import WEIGHTS_NAME, shared_tensors, write_compressed
 from lightning_prune.export.nm_codec import packed_size, position_bits
-
-if TYPE_CHECKING:
-    from lightning_prune.module import PruningModule
 
 FORMAT = "compressed-nm"
 
 
 def export_compressed_nm(
-    module: PruningModule,
+    module: ExportSource,
     output_dir: str | Path,
     overwrite: bool = False,
     run_config: dict[str, Any] | None = None,

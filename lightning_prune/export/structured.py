@@ -4,8 +4,9 @@ Bake the hard masks, keep only the kept heads' query/KV rows and output columns 
 channels' input rows and output columns in every layer, load the result into a stock config with
 fewer heads and a smaller ``intermediate_size`` (``head_dim`` explicit), then verify it in a
 separate Python process that never imports lightning_prune: plain ``AutoModelForCausalLM`` loads
-it, its logits equal the masked model's within :data:`LOGITS_ATOL`, ``generate`` runs, and its
-parameter count equals the one written to ``pruning.json``.
+it, its logits equal the masked model's within ``LOGITS_ATOL`` plus ``LOGITS_RTOL`` of the
+largest |logit| (see :mod:`lightning_prune.export.common`), ``generate`` runs, and its parameter
+count equals the one written to ``pruning.json``.
 
 The logits are compared in float32 whatever the model's dtype: in bfloat16 or float16 the sliced
 matmuls round differently from the masked ones (on a 30-layer model by up to 15% of the largest
@@ -15,50 +16,24 @@ logit), which would hide a wrong slice. The weights are written in the model's d
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_prune.export.atomic import atomic_directory
-from lightning_prune.export.hf import (
+from lightning_prune.export.common import (
+    LOGITS_ATOL,
+    LOGITS_RTOL,
     ExportError,
+    ExportSource,
+    check_logits_error,
     export_record,
     masked_reference,
+    verify_in_fresh_process,
     write_export_folder,
 )
-
-if TYPE_CHECKING:
-    from lightning_prune.module import PruningModule
-
-#: max |logit difference| between the sliced model and the hard-masked model, in units of the
-#: largest |logit| (fp32: dropping zero columns only reorders sums, so differences are rounding)
-LOGITS_RTOL = 1e-4
-#: absolute floor of the same tolerance
-LOGITS_ATOL = 1e-4
-
-_VERIFY = r"""
-import json, sys, torch
-from transformers import AutoModelForCausalLM
-folder, probe_file, out_file, dtype = sys.argv[1:5]
-model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
-probe = torch.load(probe_file)
-with torch.no_grad():
-    logits = model(input_ids=probe).logits.float()
-    generated = model.generate(probe[:1, :8], max_new_tokens=4, do_sample=False)
-torch.save(logits, out_file)
-print(json.dumps({
-    "lightning_prune_imported": "lightning_prune" in sys.modules,
-    "params": sum(p.numel() for p in model.parameters()),
-    "generated": generated.shape[-1] - 8,
-    "config": {k: getattr(model.config, k, None) for k in (
-        "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "n_inner")},
-}))
-"""
 
 
 def _param_count(model: nn.Module) -> int:
@@ -74,7 +49,7 @@ def _unit_index(units: torch.Tensor, size: int) -> torch.Tensor:
     return (units[:, None] * size + torch.arange(size)).flatten()
 
 
-def slice_state(module: PruningModule, layouts: list[dict[str, torch.Tensor]]) -> dict:
+def slice_state(module: ExportSource, layouts: list[dict[str, torch.Tensor]]) -> dict:
     """The baked model's state dict with every layer cut to its kept heads and channels."""
     family = module.mask_family
     adapter, spec, model = family.adapter, family.spec, module.model
@@ -108,7 +83,7 @@ def slice_state(module: PruningModule, layouts: list[dict[str, torch.Tensor]]) -
 
 
 def export_structured_hf(
-    module: PruningModule,
+    module: ExportSource,
     output_dir: str | Path,
     overwrite: bool = False,
     run_config: dict[str, Any] | None = None,
@@ -155,7 +130,7 @@ def export_structured_hf(
     tolerance = LOGITS_ATOL + LOGITS_RTOL * expected.abs().max().item()
     with torch.no_grad():
         error = (small(input_ids=probe).logits.float() - expected).abs().max().item()
-    _check_error("sliced model", error, tolerance)
+    check_logits_error("sliced model", error, tolerance)
     pruned_params = _param_count(small)
     record["parameters"] = {
         "dense": dense_params,
@@ -177,59 +152,3 @@ def export_structured_hf(
         (tmp / "pruning.json").write_text(json.dumps(record, indent=2))
     return Path(output_dir)
 
-
-def _check_error(what: str, error: float, tolerance: float) -> None:
-    if not error <= tolerance:
-        raise ExportError(
-            f"export verification: {what}'s logits differ from the masked model's by "
-            f"{error:.2e} (tolerance {tolerance:.2e})"
-        )
-
-
-def verify_in_fresh_process(
-    folder: Path,
-    probe: torch.Tensor,
-    expected: torch.Tensor,
-    tolerance: float,
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, Any]:
-    """Reload ``folder`` with plain transformers in a new interpreter and compare logits."""
-    with tempfile.TemporaryDirectory() as scratch:
-        probe_file, out_file = Path(scratch) / "probe.pt", Path(scratch) / "logits.pt"
-        torch.save(probe, probe_file)
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                _VERIFY,
-                str(folder),
-                str(probe_file),
-                str(out_file),
-                str(dtype).removeprefix("torch."),
-            ],
-            capture_output=True,
-            text=True,
-            env=_clean_env(),
-        )
-        if result.returncode != 0:
-            tail = result.stderr.strip().splitlines()[-3:]
-            raise ExportError(f"export verification: plain transformers failed to load: {tail}")
-        report = json.loads(result.stdout.strip().splitlines()[-1])
-        logits = torch.load(out_file, weights_only=True)
-    if report["lightning_prune_imported"]:
-        raise ExportError("export verification: the reload process imported lightning_prune")
-    if report["generated"] < 1:
-        raise ExportError("export verification: generate produced no tokens")
-    error = (logits - expected).abs().max().item()
-    _check_error("reloaded model", error, tolerance)
-    report["logits_max_abs_error"] = error
-    return report
-
-
-def _clean_env() -> dict[str, str]:
-    import os
-
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env

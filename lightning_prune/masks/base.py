@@ -112,14 +112,13 @@ class MaskFamily(ABC):
     def describe(self) -> dict[str, Any]:
         """Pattern description written into ``pruning.json``."""
 
-    def hf_exporter(self) -> Callable[..., Any]:
-        """The function behind ``export --format hf`` for this family (default: dense + zeros).
+    def hf_exporter(self) -> Callable[..., Any] | None:
+        """The function behind ``export --format hf`` for this family; ``None`` (the default)
+        means dense weights with exact zeros (``lightning_prune.export.hf.export_hf``).
 
         Called as ``exporter(module, output_dir, overwrite=..., run_config=...)``.
         """
-        from lightning_prune.export.hf import export_hf
-
-        return export_hf
+        return None
 
     def attach(self, model: nn.Module, adapter: ModelAdapter) -> None:
         """Register one parametrization per target module of ``model``."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_prune.errors import ConfigError
 
 if TYPE_CHECKING:
-    from lightning_prune.module import PruningModule
+    from lightning.pytorch import LightningModule
 
 
 class Solver:
@@ -16,6 +16,8 @@ class Solver:
 
     ``PruningModule`` calls :meth:`configure_optimizers` from Lightning's hook of the same name
     and :meth:`after_optimizer_step` right after every optimizer step (e.g. to apply a prox).
+    Every hook receives that ``PruningModule``; this interface sits below it, so it names only
+    its Lightning base (the built-in solvers annotate ``PruningModule``).
     """
 
     #: gradient-norm clipping applied before every step (``None``: off)
@@ -27,18 +29,18 @@ class Solver:
     #: its update touches only parameters that have gradients, through the module's views
     supports_blockwise: bool = False
 
-    def configure_optimizers(self, module: PruningModule) -> Any:
+    def configure_optimizers(self, module: LightningModule) -> Any:
         """Return what ``LightningModule.configure_optimizers`` returns."""
         raise NotImplementedError
 
-    def loss_terms(self, module: PruningModule, batch: dict, outputs: Any) -> dict[str, Any]:
+    def loss_terms(self, module: LightningModule, batch: dict, outputs: Any) -> dict[str, Any]:
         """Extra loss terms of one training step (e.g. distillation), by log name."""
         return {}
 
-    def after_optimizer_step(self, module: PruningModule) -> None:
+    def after_optimizer_step(self, module: LightningModule) -> None:
         """Hook run after every optimizer step."""
 
-    def metrics(self, module: PruningModule) -> dict[str, float]:
+    def metrics(self, module: LightningModule) -> dict[str, float]:
         """Extra values to log every step."""
         return {}
 

@@ -14,6 +14,7 @@ from lightning_prune.data.datamodule import CalibrationDataModule
 from lightning_prune.errors import ConfigError, MissingPathError
 from lightning_prune.evaluation import format_table, perplexity, write_json
 from lightning_prune.export.atomic import check_output_file, check_target
+from lightning_prune.export.base import casting_formats, exporter_for
 from lightning_prune.masks.init import one_shot_applied
 from lightning_prune.module import PruningModule
 from lightning_prune.protocol import (
@@ -26,8 +27,6 @@ from lightning_prune.protocol import (
 )
 from lightning_prune.registry import get_registry
 
-EXPORT_FORMATS = ("hf", "compressed-nm")
-
 
 def run_export(
     module: PruningModule,
@@ -38,33 +37,22 @@ def run_export(
     run_config: dict[str, Any] | None = None,
     dtype: str | None = None,
 ) -> Path:
-    """Load the fit checkpoint, then write the export of ``export_format``.
+    """Load the fit checkpoint, then write the export of ``export_format`` (the exporter
+    registered under that name, refused if it does not support the run's mask family).
 
-    ``dtype`` casts the written weights (``compressed-nm`` only; ``hf`` keeps the model's).
+    ``dtype`` casts the written weights (only formats whose exporter ``casts_dtype``).
     """
-    if export_format not in EXPORT_FORMATS:
-        raise ConfigError(
-            f"format: unknown export format '{export_format}', expected {EXPORT_FORMATS}"
-        )
+    exporter = exporter_for(export_format, module.mask_family)
     if ckpt_path is None:
         raise ConfigError("ckpt_path: export needs a fit checkpoint (--ckpt_path)")
-    if dtype is not None and export_format != "compressed-nm":
+    if dtype is not None and not exporter.casts_dtype:
         raise ConfigError(
-            f"dtype: only --format compressed-nm casts at export; --format {export_format} "
-            "writes the model's dtype (set --model.dtype)"
+            f"dtype: only --format {', '.join(casting_formats())} casts at export; "
+            f"--format {export_format} writes the model's dtype (set --model.dtype)"
         )
     check_target(output_dir, overwrite, export_inputs(module, ckpt_path))
     load_learned_state(module, ckpt_path)
-    if export_format == "compressed-nm":
-        from lightning_prune.export.compressed import export_compressed_nm
-
-        path = export_compressed_nm(module, output_dir, overwrite, run_config, dtype)
-    else:
-        from lightning_prune.export.hf import export_hf
-
-        # the family decides: zeros (the default) or sliced
-        exporter = module.mask_family.hf_exporter() or export_hf
-        path = exporter(module, output_dir, overwrite=overwrite, run_config=run_config)
+    path = exporter.export(module, output_dir, overwrite, run_config, dtype)
     print(f"exported {export_format} model to {path}")
     return path
 

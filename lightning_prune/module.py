@@ -372,6 +372,8 @@ class PruningModule(LightningModule):
         self.log_dict(values, prog_bar=False)
 
     def configure_optimizers(self) -> Any:
+        if not self.solver.trains:  # nothing to learn: the fit loop ends before a step
+            self.trainer.fit_loop.epoch_loop.max_steps = 0
         return self.solver.configure_optimizers(self)
 
     def on_after_backward(self) -> None:

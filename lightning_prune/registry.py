@@ -33,6 +33,7 @@ KINDS: dict[str, str] = {
     "solvers": "optimizers and update rules that learn the masks",
     "adapters": "model architectures: where layers, heads and prunable Linears live",
     "initializers": "one-shot masks used as warm starts",
+    "exporters": "export formats (export --format NAME) and the mask families each supports",
 }
 
 

@@ -285,7 +285,9 @@ def test_oneshot_sparsegpt_fit_then_export(tiny_models, tmp_path) -> None:
     main(["fit", *common, "--data.seq_len=32", "--data.num_samples=4", f"--data.source={text}",
           f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 0  # Solver.trains is False: the fit took no step
+    state = checkpoint["state_dict"]
     assert sum(k.endswith(".original") for k in state) == 14  # SparseGPT's updated weights
     out = tmp_path / "export"
     main(["export", *common, f"--ckpt_path={ckpt}", f"--output_dir={out}"])

@@ -39,7 +39,8 @@ def install(packages: list[str], target: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def demo_env(tmp_path_factory) -> dict[str, str]:
-    return install(["lp-demo-plugin", "lp-broken-plugin"], tmp_path_factory.mktemp("site-demo"))
+    plugins = ["lp-demo-plugin", "lp-broken-plugin", "lp-format-plugin"]
+    return install(plugins, tmp_path_factory.mktemp("site-demo"))
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,9 @@ def test_plugins_command_lists_third_party_and_broken(demo_env) -> None:
     broken = next(line for line in lines if "broken_solver" in line)
     assert "BROKEN" in broken and "needs a library that is not installed" in broken
     assert any("proximal" in line and "lightning-prune" in line for line in lines)
+    formats = {line.split()[1]: line for line in lines if line.split()[:1] == ["exporters"]}
+    assert {"hf", "compressed-nm", "mask-report"} <= set(formats)
+    assert "lightning-prune" in formats["hf"] and "lp-format-plugin" in formats["mask-report"]
 
 
 def test_broken_plugin_does_not_break_other_commands(demo_env) -> None:

@@ -58,14 +58,16 @@ class PruningTrainer(BaseTrainer):
         overwrite: bool = False,
         dtype: str | None = None,
     ) -> None:
-        """Export the pruned model of a fit checkpoint (formats: hf, compressed-nm).
+        """Export the pruned model of a fit checkpoint (built-in formats: hf, compressed-nm;
+        ``lightning-prune plugins`` lists the installed exporters).
 
         Args:
             ckpt_path: fit checkpoint to export.
             output_dir: folder to write (atomically; refused if it exists unless overwrite).
-            format: ``hf``: a dense HF checkpoint (N:M: exact zeros; structured: a smaller
-                model); ``compressed-nm``: N:M weights as kept values plus 2-bit positions
-                (docs/compressed-nm.md), loaded with ``lightning_prune.load_pretrained``.
+            format: a registered exporter. ``hf``: a dense HF checkpoint (N:M: exact zeros;
+                structured: a smaller model); ``compressed-nm``: N:M weights as kept values
+                plus 2-bit positions (docs/compressed-nm.md), loaded with
+                ``lightning_prune.load_pretrained``.
             overwrite: replace an existing ``output_dir``.
             dtype: write the weights as ``float16``/``bfloat16``/``float32``
                 (``compressed-nm`` only; default: the model's dtype).

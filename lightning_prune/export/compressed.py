@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lightning_prune.errors import ConfigError
 from lightning_prune.export.atomic import atomic_directory
+from lightning_prune.export.base import Exporter
 from lightning_prune.export.common import (
     LOGITS_ATOL,
     ExportError,
@@ -30,7 +31,35 @@ from lightning_prune.export.common import (
 from lightning_prune.export.compressed_file import WEIGHTS_NAME, shared_tensors, write_compressed
 from lightning_prune.export.nm_codec import packed_size, position_bits
 
+if TYPE_CHECKING:
+    from lightning_prune.masks.base import MaskFamily
+
 FORMAT = "compressed-nm"
+
+
+class CompressedNMExporter(Exporter):
+    """``--format compressed-nm`` (N:M families only; ``--dtype`` casts the weights)."""
+
+    casts_dtype = True
+
+    def supports(self, family: MaskFamily) -> bool:
+        return nm_pattern(family) is not None
+
+    def export(
+        self,
+        module: ExportSource,
+        output_dir: str | Path,
+        overwrite: bool,
+        run_config: dict[str, Any] | None,
+        dtype: str | None,
+    ) -> Path:
+        return export_compressed_nm(module, output_dir, overwrite, run_config, dtype)
+
+
+def nm_pattern(family: MaskFamily) -> tuple[int, int] | None:
+    """``(n, m)`` of an N:M family, else ``None``."""
+    n, m = getattr(family, "n", None), getattr(family, "m", None)
+    return None if n is None or m is None else (n, m)
 
 
 def export_compressed_nm(
@@ -42,12 +71,13 @@ def export_compressed_nm(
 ) -> Path:
     """Bake the N:M masks and write the compressed folder (the module's model is consumed)."""
     family = module.mask_family
-    n, m = getattr(family, "n", None), getattr(family, "m", None)
-    if n is None or m is None:
+    pattern = nm_pattern(family)
+    if pattern is None:
         raise ConfigError(
             f"format: {FORMAT} needs an N:M mask family (mask_family: nm), got "
             f"{type(family).__name__}; use --format hf"
         )
+    n, m = pattern
     probe, expected = masked_reference(module)
     record = {**export_record(module, run_config), "sparsity": family.sparsity_report()}
     layout = {f"{name}.weight": p.transposed for name, p in family.parametrizations().items()}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lightning_prune.export.atomic import atomic_directory
+from lightning_prune.export.base import Exporter
 from lightning_prune.export.common import (
     LOGITS_ATOL,
     ExportError,
@@ -16,6 +17,9 @@ from lightning_prune.export.common import (
     masked_reference,
     write_export_folder,
 )
+
+if TYPE_CHECKING:
+    from lightning_prune.masks.base import MaskFamily
 
 
 def export_hf(
@@ -49,3 +53,22 @@ def export_hf(
                 f" (tolerance {LOGITS_ATOL})"
             )
     return Path(output_dir)
+
+
+class HFExporter(Exporter):
+    """``--format hf``: a dense HF checkpoint. Every family bakes ``W0 ⊙ mask``; one that has
+    its own dense writer (``MaskFamily.hf_exporter``, structured: a smaller model) uses it."""
+
+    def supports(self, family: MaskFamily) -> bool:
+        return True
+
+    def export(
+        self,
+        module: ExportSource,
+        output_dir: str | Path,
+        overwrite: bool,
+        run_config: dict[str, Any] | None,
+        dtype: str | None,
+    ) -> Path:
+        write = module.mask_family.hf_exporter() or export_hf
+        return write(module, output_dir, overwrite=overwrite, run_config=run_config)

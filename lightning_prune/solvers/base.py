@@ -20,6 +20,9 @@ class Solver:
     its Lightning base (the built-in solvers annotate ``PruningModule``).
     """
 
+    #: the solver takes optimizer steps; ``False`` (``oneshot``): the fit ends before its first
+    #: step (the host sets it up so; callbacks' ``on_fit_end`` still runs)
+    trains: bool = True
     #: gradient-norm clipping applied before every step (``None``: off)
     grad_clip: float | None = None
     #: the shipped mask is ``init_mask``'s as computed (no training changes it), so a one-shot

@@ -34,11 +34,12 @@ class _SaveOneShot(Callback):
 class OneShotSolver(Solver):
     """Zero training steps: the mask is ``model.init_mask``'s (e.g. wanda, sparsegpt, flap).
 
-    Needs ``model.init_mask``. Sets the trainer's ``max_steps`` to 0 and saves ``last.ckpt``
-    (in the ``ModelCheckpoint`` folder, else ``<default_root_dir>/oneshot``) when fit ends.
-    Args are none: the initializer's options go in ``init_mask.init_args``.
+    Needs ``model.init_mask``. Declares ``trains = False`` (the fit takes no step) and saves
+    ``last.ckpt`` (in the ``ModelCheckpoint`` folder, else ``<default_root_dir>/oneshot``) when
+    fit ends. Args are none: the initializer's options go in ``init_mask.init_args``.
     """
 
+    trains = False
     ships_init_mask = True
 
     def configure_optimizers(self, module: PruningModule) -> Any:
@@ -48,7 +49,6 @@ class OneShotSolver(Solver):
                 "sparsegpt, magnitude_structured, wanda_sp, flap)"
             )
         trainer = module.trainer
-        trainer.fit_loop.epoch_loop.max_steps = 0  # nothing to learn
         callback = trainer.checkpoint_callback
         folder = callback.dirpath if callback and callback.dirpath else None
         if folder is None:

@@ -8,11 +8,11 @@ RUN="${RUN:-$ROOT/runs/proxsparse_2of4}"
 VENV="$VENV" bash "$ROOT/tools/install.sh"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 CLI="$VENV/bin/lightning-prune"
-CONFIG="$ROOT/configs/proxsparse_2of4.yaml"
+CONFIGS=(--config "$ROOT/configs/proxsparse_2of4.yaml" --config "$ROOT/configs/proxsparse_2of4_sparsegpt_start.yaml")
 rm -rf "$RUN"
-"$CLI" fit --config "$CONFIG" --trainer.default_root_dir "$RUN"
+"$CLI" fit "${CONFIGS[@]}" --trainer.default_root_dir "$RUN"
 CKPT="$(ls -t "$RUN"/lightning_logs/version_*/checkpoints/last.ckpt | head -1)"
-"$CLI" export --config "$CONFIG" --ckpt_path "$CKPT" --output_dir "$RUN/export-hf" --overwrite true
-"$CLI" evaluate --config "$CONFIG" --ckpt_path "$CKPT" --sources '[wikipedia, shakespeare]' \
+"$CLI" export "${CONFIGS[@]}" --ckpt_path "$CKPT" --output_dir "$RUN/export-hf" --overwrite true
+"$CLI" evaluate "${CONFIGS[@]}" --ckpt_path "$CKPT" --sources '[wikipedia, shakespeare]' \
   --baselines '[magnitude]' --exported "[$RUN/export-hf]" --output "$RUN/evaluation.json"
 "$CLI" report "$RUN" --output "$RUN/report.html"

@@ -8,7 +8,7 @@ RUN="${RUN:-$ROOT/runs/proxsparse_2of4}"
 VENV="$VENV" bash "$ROOT/tools/install.sh"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 CLI="$VENV/bin/lightning-prune"
-CONFIGS=(--config "$ROOT/configs/proxsparse_2of4.yaml" --config "$ROOT/configs/proxsparse_2of4_sparsegpt_start.yaml")
+CONFIGS=(--config "$ROOT/configs/proxsparse_2of4.yaml" --config "$ROOT/configs/proxsparse_2of4_weight_rms.yaml")
 rm -rf "$RUN"
 "$CLI" fit "${CONFIGS[@]}" --trainer.default_root_dir "$RUN"
 CKPT="$(ls -t "$RUN"/lightning_logs/version_*/checkpoints/last.ckpt | head -1)"

@@ -3,22 +3,12 @@ in a lazy import, under ``TYPE_CHECKING`` or behind a package ``__init__.py``.""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool(name: str):
-    """Import ``tools/<name>.py`` (not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 check_imports = load_tool("check_imports")

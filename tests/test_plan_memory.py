@@ -3,34 +3,30 @@ against the tensors autograd really saves, and the JSON the tool writes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tool_modules import load_tool
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool(name: str):
-    """Import ``tools/<name>.py`` (not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 plan_memory = load_tool("plan_memory")
 bench_memory = load_tool("bench_memory")
 
 SHAPE_FIELDS = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
 )
 
 
@@ -38,8 +34,13 @@ def tiny_config(layers: int = 2, vocab: int = 1000):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        hidden_size=256, intermediate_size=768, num_hidden_layers=layers, num_attention_heads=8,
-        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=512,
     )
 
 

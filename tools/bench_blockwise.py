@@ -17,7 +17,7 @@ import os
 import time
 
 import torch
-from bench_common import calibration_data, cpu_trainer
+from bench_common import calibration_data, calibration_parser, cpu_trainer
 from lightning.pytorch import seed_everything
 from oneshot_rows import one_shot_mask
 
@@ -29,11 +29,7 @@ from lightning_prune.solvers.proximal import ProximalSolver
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--samples", type=int, default=40, help="calibration sequences")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser = calibration_parser(__doc__)
     parser.add_argument("--lam", type=float, default=0.1, help="scale-free λ of nm_sparsity")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-2], help="block-wise lrs")
     parser.add_argument("--steps-per-block", type=int, default=20)

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_prune.data import CalibrationDataModule
+
+
+def calibration_parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser (described by ``doc``'s first line) with the model and the
+    calibration and held-out sizes every 2:4 benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--samples", type=int, default=40, help="calibration sequences")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    return parser
 
 
 def calibration_data(

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import calibration_data, cpu_trainer
+from bench_common import calibration_data, calibration_parser, cpu_trainer
 from lightning.pytorch import seed_everything
 
 from lightning_prune.evaluation import format_table, perplexity, write_json
@@ -48,11 +48,7 @@ INITS: dict[str, Any] = {
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--samples", type=int, default=40, help="calibration sequences")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser = calibration_parser(__doc__)
     parser.add_argument("--part", choices=["oneshot", "sparsegpt-mask", "learned"], required=True)
     parser.add_argument("--init", choices=sorted(INITS), default="sparsegpt-mask")
     parser.add_argument("--objective", choices=["end_to_end", "blockwise"], default="end_to_end")

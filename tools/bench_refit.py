@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import calibration_data, fit_one_epoch
+from bench_common import calibration_data, calibration_parser, fit_one_epoch
 from lightning.pytorch import seed_everything
 
 from lightning_prune.evaluation import format_table, perplexity, write_json
@@ -40,11 +40,7 @@ from lightning_prune.solvers.proximal import ProximalSolver
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--samples", type=int, default=40, help="calibration sequences")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser = calibration_parser(__doc__)
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.001, 0.01, 0.1])
     parser.add_argument("--lr", type=float, default=5e-3, help="proximal lr (the recipe's)")
     parser.add_argument("--lam", type=float, default=0.01, help="scale-free λ (the recipe's)")

@@ -11,6 +11,10 @@ and ``B_i`` is block ``i`` with its masks off. Every step computes ``X_i`` for i
 one forward of blocks ``0..i−1`` (no gradient, the rest of the model is skipped), so the state
 of a run is its step counter: a resumed fit, a DDP rank with its own batches and a fresh run all
 see the same inputs, with no cache to rebuild or keep in step.
+
+After the last block, an optional end-to-end phase of ``e2e_steps`` steps learns every block
+at once on the language-model loss (plus the solver's own terms), starting from the block-wise
+masks.
 """
 
 from __future__ import annotations
@@ -44,24 +48,37 @@ class BlockwiseObjective:
     Args:
         steps_per_block: optimizer steps spent on every decoder block.
         inputs: ``pruned`` (blocks before run with their final hard masks) or ``dense``.
+        e2e_steps: optimizer steps of the end-to-end phase after the last block (0: none).
     """
 
-    def __init__(self, steps_per_block: int, inputs: BlockInputs = "pruned"):
+    def __init__(self, steps_per_block: int, inputs: BlockInputs = "pruned", e2e_steps: int = 0):
         if not (isinstance(steps_per_block, int) and steps_per_block >= 1):
             raise ConfigError(
                 f"model.steps_per_block: expected an integer >= 1, got {steps_per_block!r}"
             )
         if inputs not in ("pruned", "dense"):
             raise ConfigError(f"model.block_inputs: expected 'pruned' or 'dense', got {inputs!r}")
-        self.steps_per_block, self.inputs = steps_per_block, inputs
+        if not (isinstance(e2e_steps, int) and e2e_steps >= 0):
+            raise ConfigError(f"model.e2e_steps: expected an integer >= 0, got {e2e_steps!r}")
+        self.steps_per_block, self.inputs, self.e2e_steps = steps_per_block, inputs, e2e_steps
 
     def total_steps(self, num_blocks: int) -> int:
         """Optimizer steps of the whole fit."""
-        return num_blocks * self.steps_per_block
+        return num_blocks * self.steps_per_block + self.e2e_steps
 
-    def block_at(self, step: int) -> int:
-        """The block that optimizer step ``step`` (0-based) learns."""
-        return step // self.steps_per_block
+    def block_at(self, step: int, num_blocks: int) -> int | None:
+        """The block that optimizer step ``step`` (0-based) learns, or ``None`` in the
+        end-to-end phase."""
+        index = step // self.steps_per_block
+        return index if index < num_blocks else None
+
+    def schedule_span(self, step: int, num_blocks: int) -> tuple[int, int]:
+        """``(position, length)`` of ``step`` in its learning-rate schedule: the schedule
+        restarts on every block and once more for the end-to-end phase."""
+        block_steps = num_blocks * self.steps_per_block
+        if step < block_steps:
+            return step % self.steps_per_block, self.steps_per_block
+        return step - block_steps, max(self.e2e_steps, 1)
 
     @torch.no_grad()
     def capture(self, model: nn.Module, block: nn.Module, input_ids: torch.Tensor) -> BlockCall:

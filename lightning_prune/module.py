@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,6 +73,9 @@ class PruningModule(LightningModule):
         steps_per_block: optimizer steps per decoder block (``blockwise`` only).
         block_inputs: inputs of each block while it learns (``blockwise`` only): ``pruned``
             (the blocks before it run with their final masks) or ``dense``.
+        e2e_steps: optimizer steps of an end-to-end phase after the last block (``blockwise``
+            only; 0: none): every block learns at once on the LM loss, from the block-wise
+            masks. ``trainer.max_steps`` then adds them.
         trust_remote_code: load a model folder that ships its own Python code (``auto_map``);
             such folders are refused unless this is set.
     """
@@ -89,6 +92,7 @@ class PruningModule(LightningModule):
         objective: Literal["end_to_end", "blockwise"] = "end_to_end",
         steps_per_block: int = 20,
         block_inputs: BlockInputs = "pruned",
+        e2e_steps: int = 0,
         trust_remote_code: bool = False,
     ):
         super().__init__()
@@ -96,8 +100,16 @@ class PruningModule(LightningModule):
             raise ConfigError(
                 f"model.objective: expected 'end_to_end' or 'blockwise', got {objective!r}"
             )
+        if objective == "end_to_end" and e2e_steps:
+            raise ConfigError(
+                f"model.e2e_steps: an end-to-end phase follows a block-wise fit only; got "
+                f"e2e_steps: {e2e_steps} with objective: end_to_end (set objective: blockwise, "
+                "or e2e_steps: 0)"
+            )
         self.blockwise = (
-            BlockwiseObjective(steps_per_block, block_inputs) if objective == "blockwise" else None
+            BlockwiseObjective(steps_per_block, block_inputs, e2e_steps)
+            if objective == "blockwise"
+            else None
         )
         self._blocks: list[torch.nn.Module] = []
         self._block_names: list[list[str]] = []
@@ -255,19 +267,31 @@ class PruningModule(LightningModule):
         layers = self._hf_config().num_hidden_layers
         expected = self.blockwise.total_steps(layers)
         if self.trainer.max_steps != expected:
+            e2e = self.blockwise.e2e_steps
             raise ConfigError(
                 f"trainer.max_steps: objective blockwise learns {layers} blocks × "
-                f"{self.blockwise.steps_per_block} steps_per_block = {expected} steps; set "
-                f"trainer.max_steps: {expected} and trainer.max_epochs: -1, got "
-                f"{self.trainer.max_steps}"
+                f"{self.blockwise.steps_per_block} steps_per_block"
+                + (f" + {e2e} e2e_steps" if e2e else "")
+                + f" = {expected} steps; set trainer.max_steps: {expected} and "
+                f"trainer.max_epochs: -1, got {self.trainer.max_steps}"
             )
 
-    def steps_per_schedule(self) -> int:
-        """Optimizer steps that one learning-rate schedule spans: the whole fit, or one block
-        of a block-wise fit (the schedule restarts on every block)."""
+    def schedule_spans(self) -> Callable[[int], tuple[int, int]]:
+        """Maps an optimizer step to its ``(position, length)`` in its learning-rate schedule:
+        the whole fit, or in a block-wise fit one block (the schedule restarts on every block)
+        or the end-to-end phase."""
         if self.blockwise is not None:
-            return self.blockwise.steps_per_block
-        return max(int(self.trainer.estimated_stepping_batches), 1)
+            objective, blocks = self.blockwise, len(self._blocks)
+            return lambda step: objective.schedule_span(step, blocks)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        return lambda step: (step, total)
+
+    def _learned_block(self) -> int | None:
+        """The block the current step learns; ``None`` outside a block-wise fit's block
+        phase."""
+        if self.blockwise is None:
+            return None
+        return self.blockwise.block_at(self.global_step, len(self._blocks))
 
     def _hf_config(self) -> Any:
         """The LM's HF config, read without loading weights."""
@@ -295,10 +319,11 @@ class PruningModule(LightningModule):
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self.blockwise is not None:
+        if self._learned_block() is not None:
             loss, family = self._block_loss(batch), self._learned_view()
             total = loss
         else:
+            self._set_block_modes(None)
             outputs = self(batch["input_ids"], batch["labels"])
             loss, family = outputs.loss, self.mask_family
             total = loss
@@ -315,7 +340,7 @@ class PruningModule(LightningModule):
 
     def _block_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The learned block's reconstruction loss on ``batch`` (block-wise objective)."""
-        index = self.blockwise.block_at(self.global_step)
+        index = self._learned_block()
         self._set_block_modes(index)
         block, view = self._blocks[index], self._learned_view()
         call = self.blockwise.capture(self.model, block, batch["input_ids"])
@@ -326,9 +351,14 @@ class PruningModule(LightningModule):
         self.log("block", float(index), prog_bar=True)
         return reconstruction_loss(self.blockwise.run(block, call), target)
 
-    def _set_block_modes(self, index: int) -> None:
-        """Blocks before ``index`` run with their final hard masks (or dense), the rest learn."""
+    def _set_block_modes(self, index: int | None) -> None:
+        """Blocks before ``index`` run with their final hard masks (or dense), the rest learn;
+        ``None`` (end-to-end steps): every block learns."""
         if self._block_in_modes == index:
+            return
+        if index is None:
+            self.mask_family.set_mode("learn")
+            self._block_in_modes = None
             return
         before = "off" if self.blockwise.inputs == "dense" else "hard"
         for position, names in enumerate(self._block_names):
@@ -338,8 +368,11 @@ class PruningModule(LightningModule):
         self._block_in_modes = index
 
     def _learned_view(self) -> MaskFamily:
-        """The mask family restricted to the block being learned (block-wise objective)."""
-        index = self.blockwise.block_at(self.global_step)
+        """The mask family restricted to the block being learned (block-wise objective), or
+        the whole family in an end-to-end step."""
+        index = self._learned_block()
+        if index is None:
+            return self.mask_family
         return self.mask_family.subset(self._block_names[index])
 
     def _log_step(self) -> bool:

@@ -93,6 +93,46 @@ def test_blocks_learn_one_after_another(small_model, checkpoints) -> None:
         assert not torch.equal(last[name], original), name
 
 
+def test_end_to_end_phase_learns_every_block_after_the_blocks(small_model, tmp_path) -> None:
+    """With ``e2e_steps``, the steps after the last block move the surrogates of every block
+    at once, starting from the block-wise result."""
+    overlay = tmp_path / "every-step.yaml"
+    overlay.write_text(EVERY_STEP)
+    blocks = 2 * STEPS_PER_BLOCK
+    main(
+        blockwise_args(
+            small_model,
+            tmp_path,
+            f"--config={overlay}",
+            "--model.e2e_steps=2",
+            f"--trainer.max_steps={blocks + 2}",
+        )
+    )
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+
+    def state(step: int) -> dict[str, torch.Tensor]:
+        return torch.load(folder / f"step={step}.ckpt", map_location="cpu", weights_only=True)[
+            "state_dict"
+        ]
+
+    after_blocks, last = state(blocks), state(blocks + 2)
+    for layer in (0, 1):
+        moved = [
+            name
+            for name, value in surrogates(after_blocks, layer).items()
+            if not torch.equal(last[name], value)
+        ]
+        assert len(moved) == 7, (layer, moved)  # every target of every block learns
+
+
+def test_schedule_restarts_per_block_and_for_the_end_to_end_phase() -> None:
+    objective = BlockwiseObjective(steps_per_block=3, e2e_steps=4)
+    assert objective.total_steps(2) == 10
+    assert [objective.block_at(step, 2) for step in range(10)] == [0] * 3 + [1] * 3 + [None] * 4
+    spans = [objective.schedule_span(step, 2) for step in range(10)]
+    assert spans == [(0, 3), (1, 3), (2, 3)] * 2 + [(0, 4), (1, 4), (2, 4), (3, 4)]
+
+
 def test_capture_gives_the_block_its_model_inputs(small_model) -> None:
     """The captured call of block 1 holds the hidden states the model's forward feeds it, and
     running the block on it gives block 1's output (that of the whole forward)."""
@@ -149,8 +189,16 @@ def test_blockwise_fit_refusals(small_model, tmp_path, capsys) -> None:
         f"--trainer.default_root_dir={tmp_path / 'b'}",
     ]
     assert "blockwise is not supported by solver MinimaxSolver" in refused(minimax, capsys)
+    args = blockwise_args(small_model, tmp_path / "e", "--model.e2e_steps=2")
+    assert "3 steps_per_block + 2 e2e_steps = 8 steps" in refused(args, capsys)
+    end_to_end = [*blockwise_args(small_model, tmp_path / "f", "--model.e2e_steps=2")]
+    end_to_end.append("--model.objective=end_to_end")
+    assert "model.e2e_steps: an end-to-end phase follows a block-wise fit only" in (
+        refused(end_to_end, capsys)
+    )
     for option, expected in (
         ("--model.steps_per_block=0", "model.steps_per_block: expected an integer >= 1"),
+        ("--model.e2e_steps=-1", "model.e2e_steps: expected an integer >= 0"),
         ("--model.objective=layerwise", "Got value: layerwise"),
     ):
         assert expected in refused(blockwise_args(small_model, tmp_path / "d", option), capsys)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from lightning.pytorch import Trainer
 
 from lightning_prune.data import CalibrationDataModule
@@ -60,3 +61,33 @@ def test_first_adamw_step_moves_each_layer_by_its_learning_rate(small_model, lr_
 def test_bad_lr_scale_is_named() -> None:
     with pytest.raises(ConfigError, match="proximal.lr_scale"):
         ProximalSolver(lr_scale="relative")
+
+
+def test_distillation_term_is_zero_at_the_teacher_and_trains_the_surrogates(small_model) -> None:
+    """``distill_weight`` adds ``KL(dense ‖ masked)``: zero while the masks are off, positive
+    once the surrogates left W0, with gradients on them; the teacher pass (masks off) leaves
+    the mode as it was."""
+    solver = ProximalSolver(distill_weight=0.5)
+    module = PruningModule(NMMaskFamily(2, 4), solver, [], small_model)
+    module.configure_model()
+    tokens = torch.randint(0, 1000, (1, 16))
+    family = module.mask_family
+    family.set_mode("off")
+    assert solver.loss_terms(module, {"input_ids": tokens}, module(tokens))["distill"] == 0
+    family.set_mode("learn")
+    for parametrization in family.parametrizations().values():
+        parametrization.surrogate.data.mul_(0.5)  # the student now differs from the teacher
+    term = solver.loss_terms(module, {"input_ids": tokens}, module(tokens))["distill"]
+    assert term.item() > 1e-4
+    term.backward()
+    grads = [p.surrogate.grad for p in family.parametrizations().values()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert ProximalSolver().loss_terms(module, {"input_ids": tokens}, None) == {}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("distill_weight", -1.0), ("distill_temperature", 0.0)]
+)
+def test_bad_distillation_settings_are_named(field, value) -> None:
+    with pytest.raises(ConfigError, match=f"solver proximal.{field}: expected"):
+        ProximalSolver(**{field: value})

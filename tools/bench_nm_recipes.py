@@ -56,7 +56,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.026)
     parser.add_argument("--lr-scale", choices=["absolute", "weight_rms"], default="weight_rms")
     parser.add_argument("--lam", type=float, default=0.1, help="scale-free λ of nm_sparsity")
-    parser.add_argument("--dampings", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--distill-weight", type=float, default=0.0, help="KL(dense ‖ masked)")
+    parser.add_argument("--epochs", type=int, default=1, help="end-to-end epochs")
+    parser.add_argument("--dampings", type=float, nargs="*", default=[0.1], help="refit dampings (none: no refit)")
     parser.add_argument("--output", default="bench_results/nm_recipes.json")
     return parser.parse_args()
 
@@ -122,19 +124,23 @@ def learned(args: argparse.Namespace, data: Any, measure: Any, with_refits: Any)
     objective = {"objective": "blockwise", "steps_per_block": args.steps_per_block}
     module = PruningModule(
         NMMaskFamily(2, 4),
-        ProximalSolver(lr=args.lr, lr_scale=args.lr_scale),
+        ProximalSolver(lr=args.lr, lr_scale=args.lr_scale, distill_weight=args.distill_weight),
         [NMSparsityRegularizer(lam=args.lam, lam_mode="scale_free")],
         model=args.model,
         init_mask=INITS[args.init],
         **(objective if blockwise else {}),
     )
     steps = module._hf_config().num_hidden_layers * args.steps_per_block if blockwise else -1
-    trainer = cpu_trainer(epochs=-1 if blockwise else 1, max_steps=steps)
+    trainer = cpu_trainer(epochs=-1 if blockwise else args.epochs, max_steps=steps)
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - started
     module.mask_family.harden()
     label = f"proximal {args.objective} from {args.init}, lr {args.lr:g} ({args.lr_scale})"
+    if args.distill_weight:
+        label += f", distill {args.distill_weight:g}"
+    if args.epochs != 1:
+        label += f", {args.epochs} epochs"
     measure(label, module.model, seconds)
     with_refits(module, label)
 

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_prune.errors import ConfigError
-from lightning_prune.ops.lagrangian import distill_kl
 from lightning_prune.solvers.base import Solver, check_grad_clip
+from lightning_prune.solvers.distillation import Distillation
 
 if TYPE_CHECKING:
     from lightning_prune.module import PruningModule
@@ -52,15 +52,10 @@ class MinimaxSolver(Solver):
                 raise ConfigError(f"solver minimax.{field}: expected a value > 0, got {value}")
         if not 0 <= warmup_ratio <= 1:
             raise ConfigError(f"solver minimax.warmup_ratio: expected [0, 1], got {warmup_ratio}")
-        if not distill_weight >= 0 or not distill_temperature > 0:
-            raise ConfigError(
-                "solver minimax.distill_weight >= 0 and distill_temperature > 0 expected, got "
-                f"{distill_weight} and {distill_temperature}"
-            )
         self.lr, self.lr_multipliers, self.lr_targets = lr, lr_multipliers, lr_targets
         self.warmup_ratio = warmup_ratio
         self.grad_clip = check_grad_clip("minimax", grad_clip)
-        self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
+        self.distillation = Distillation("minimax", distill_weight, distill_temperature)
         self.warmup_steps = 0
 
     def configure_optimizers(self, module: PruningModule) -> Any:
@@ -105,21 +100,10 @@ class MinimaxSolver(Solver):
     ) -> dict[str, torch.Tensor]:
         """Extra loss terms of one training step: ``distill`` when ``distill_weight > 0``.
 
-        The teacher is the same model with its masks switched off (no second copy). Also sets
-        the target ramp from the step counter, so a resumed fit uses the same targets.
+        Also sets the target ramp from the step counter, so a resumed fit uses the same targets.
         """
         module.mask_family.set_progress(self.progress(module.global_step))
-        if self.distill_weight <= 0:
-            return {}
-        family = module.mask_family
-        family.set_mode("off")
-        try:
-            with torch.no_grad():
-                teacher = module.model(input_ids=batch["input_ids"]).logits
-        finally:
-            family.set_mode("learn")
-        kl = distill_kl(outputs.logits, teacher, self.distill_temperature)
-        return {"distill": self.distill_weight * kl}
+        return self.distillation.terms(module, batch, outputs)
 
     def metrics(self, module: PruningModule) -> dict[str, float]:
         family = module.mask_family

@@ -9,6 +9,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_prune.errors import ConfigError
 from lightning_prune.solvers.base import Solver, check_grad_clip, warmup_linear_decay
+from lightning_prune.solvers.distillation import Distillation
 
 if TYPE_CHECKING:
     from lightning_prune.module import PruningModule
@@ -18,8 +19,8 @@ class ProximalSolver(Solver):
     """AdamW step on the smooth loss, then the exact prox of every non-smooth regularizer.
 
     The learning rate warms up linearly for ``warmup_ratio`` of the steps, then decays
-    linearly to zero; in a block-wise fit this schedule restarts on every block, and the prox
-    applies to the learned block only.
+    linearly to zero; in a block-wise fit this schedule restarts on every block (and for the
+    end-to-end phase), and the prox applies to the learned block only.
 
     Args:
         lr: peak learning rate of the surrogate weights.
@@ -31,6 +32,9 @@ class ProximalSolver(Solver):
         betas: AdamW betas.
         warmup_ratio: share of the steps spent warming up.
         grad_clip: gradient-norm clipping before every step (``None`` turns it off).
+        distill_weight: weight of ``KL(dense ‖ masked)`` added to the LM loss (0: off; an
+            end-to-end term, so not used by the block-wise objective).
+        distill_temperature: softmax temperature of the distillation term.
     """
 
     supports_blockwise = True
@@ -43,6 +47,8 @@ class ProximalSolver(Solver):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.1,
         grad_clip: float | None = 1.0,
+        distill_weight: float = 0.0,
+        distill_temperature: float = 1.0,
     ):
         if not lr > 0:
             raise ConfigError(f"solver proximal.lr: expected a value > 0, got {lr}")
@@ -56,6 +62,13 @@ class ProximalSolver(Solver):
         self.weight_decay, self.betas = weight_decay, tuple(betas)
         self.warmup_ratio = warmup_ratio
         self.grad_clip = check_grad_clip("proximal", grad_clip)
+        self.distillation = Distillation("proximal", distill_weight, distill_temperature)
+
+    def loss_terms(
+        self, module: PruningModule, batch: dict[str, torch.Tensor], outputs: Any
+    ) -> dict[str, torch.Tensor]:
+        """``distill`` when ``distill_weight > 0``."""
+        return self.distillation.terms(module, batch, outputs)
 
     def configure_optimizers(self, module: PruningModule) -> Any:
         params = [p for p in module.parameters() if p.requires_grad]
@@ -64,9 +77,13 @@ class ProximalSolver(Solver):
         optimizer = torch.optim.AdamW(
             self.param_groups(module, params), betas=self.betas, weight_decay=self.weight_decay
         )
-        period = module.steps_per_schedule()
-        factor = warmup_linear_decay(period, int(self.warmup_ratio * period))
-        scheduler = LambdaLR(optimizer, lambda step: factor(step % period))
+        spans = module.schedule_spans()
+
+        def factor(step: int) -> float:
+            position, length = spans(step)
+            return warmup_linear_decay(length, int(self.warmup_ratio * length))(position)
+
+        scheduler = LambdaLR(optimizer, factor)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

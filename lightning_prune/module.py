@@ -76,6 +76,8 @@ class PruningModule(LightningModule):
         e2e_steps: optimizer steps of an end-to-end phase after the last block (``blockwise``
             only; 0: none): every block learns at once on the LM loss, from the block-wise
             masks. ``trainer.max_steps`` then adds them.
+        block_cache_mb: MiB of cached block inputs held in memory in a block-wise fit; the
+            rest spill to a temporary folder on disk.
         trust_remote_code: load a model folder that ships its own Python code (``auto_map``);
             such folders are refused unless this is set.
     """
@@ -93,6 +95,7 @@ class PruningModule(LightningModule):
         steps_per_block: int = 20,
         block_inputs: BlockInputs = "pruned",
         e2e_steps: int = 0,
+        block_cache_mb: float = 1024.0,
         trust_remote_code: bool = False,
     ):
         super().__init__()
@@ -107,7 +110,7 @@ class PruningModule(LightningModule):
                 "or e2e_steps: 0)"
             )
         self.blockwise = (
-            BlockwiseObjective(steps_per_block, block_inputs, e2e_steps)
+            BlockwiseObjective(steps_per_block, block_inputs, e2e_steps, block_cache_mb)
             if objective == "blockwise"
             else None
         )
@@ -323,6 +326,8 @@ class PruningModule(LightningModule):
             loss, family = self._block_loss(batch), self._learned_view()
             total = loss
         else:
+            if self.blockwise is not None:
+                self.blockwise.release()
             self._set_block_modes(None)
             outputs = self(batch["input_ids"], batch["labels"])
             loss, family = outputs.loss, self.mask_family
@@ -343,13 +348,27 @@ class PruningModule(LightningModule):
         index = self._learned_block()
         self._set_block_modes(index)
         block, view = self._blocks[index], self._learned_view()
-        call = self.blockwise.capture(self.model, block, batch["input_ids"])
+        call = self.blockwise.block_call(
+            self.model, self._blocks, index, batch["input_ids"], self._calibration_batches()
+        )
         view.set_mode("off")
         with torch.no_grad():
             target = self.blockwise.run(block, call)
         view.set_mode("learn")
         self.log("block", float(index), prog_bar=True)
         return reconstruction_loss(self.blockwise.run(block, call), target)
+
+    def _calibration_batches(self) -> Callable[[], Iterable[dict[str, torch.Tensor]]] | None:
+        """Every calibration batch, for the block-input cache (``None`` without a
+        datamodule: the blocks before the learned one then run on every step's batch)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return None
+        return getattr(datamodule, "calibration_dataloader", datamodule.train_dataloader)
+
+    def teardown(self, stage: str) -> None:
+        if self.blockwise is not None:  # also after a failed fit: no spill folder left behind
+            self.blockwise.release()
 
     def _set_block_modes(self, index: int | None) -> None:
         """Blocks before ``index`` run with their final hard masks (or dense), the rest learn;

@@ -267,3 +267,29 @@ def test_ddp_ranks_split_the_batches_and_match_one_device(small_model, tmp_path)
     assert len(expected) == 2 * STEPS_PER_BLOCK and max(expected) > 0
     # AdamW's first steps are lr * sign(g): another summation order may flip a near-zero one
     assert logged_losses(ddp) == pytest.approx(expected, rel=1e-3, abs=1e-7)
+
+
+@pytest.mark.parametrize("cache_mb", [1024.0, 0.0])  # in memory; every entry spilled to disk
+def test_cached_block_inputs_equal_the_model_forward(small_model, cache_mb) -> None:
+    """Block 1's inputs chained from block 0's cached inputs are bit-identical to those the
+    model's own forward feeds it, whatever the batching; the spill folder goes on release."""
+    model = load_causal_lm(small_model)
+    blocks = list(model.model.layers)
+    windows = torch.randint(0, model.config.vocab_size, (4, 16))
+    calibration = [{"input_ids": windows[:2]}, {"input_ids": windows[2:]}]
+    objective = BlockwiseObjective(steps_per_block=1, cache_mb=cache_mb)
+    with torch.no_grad():
+        objective.block_call(model, blocks, 0, windows[:2], lambda: calibration)
+        assert len(objective._cache) == 4 and objective._cache.spilled == (4 if not cache_mb else 0)
+        batch = windows[[3, 0]]  # another batching than the calibration batches
+        call = objective.block_call(model, blocks, 1, batch, lambda: calibration)
+        assert objective._cache.block == 1
+        assert torch.equal(call.hidden, objective.capture(model, blocks[1], batch).hidden)
+    folder = objective._cache._folder
+    objective.release()
+    assert folder is None or not folder.exists()
+
+
+def test_block_input_cache_refuses_a_negative_budget() -> None:
+    with pytest.raises(ConfigError, match="model.block_cache_mb: expected a number >= 0"):
+        BlockwiseObjective(steps_per_block=1, cache_mb=-1)

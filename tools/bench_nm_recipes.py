@@ -58,7 +58,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lam", type=float, default=0.1, help="scale-free λ of nm_sparsity")
     parser.add_argument("--distill-weight", type=float, default=0.0, help="KL(dense ‖ masked)")
     parser.add_argument("--epochs", type=int, default=1, help="end-to-end epochs")
-    parser.add_argument("--dampings", type=float, nargs="*", default=[0.1], help="refit dampings (none: no refit)")
+    parser.add_argument(
+        "--dampings", type=float, nargs="*", default=[0.1], help="refit dampings (none: no refit)"
+    )
     parser.add_argument("--output", default="bench_results/nm_recipes.json")
     return parser.parse_args()
 

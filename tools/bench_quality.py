@@ -72,6 +72,7 @@ def parse_args() -> argparse.Namespace:
     parser = calibration_parser(__doc__)
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--lr", type=float, default=0.026, help="proximal end-to-end lr")
+    parser.add_argument("--epochs", type=int, default=1, help="proximal end-to-end epochs")
     parser.add_argument("--blockwise-lr", type=float, default=0.1)
     parser.add_argument("--lr-scale", choices=["absolute", "weight_rms"], default="weight_rms")
     parser.add_argument("--lam", type=float, default=0.1, help="scale-free λ of nm_sparsity")
@@ -211,7 +212,7 @@ class Bench:
             )
             steps = layers * args.steps_per_block + args.e2e_steps
         module = self.nm_module(**kwargs)
-        trainer = cpu_trainer(epochs=-1 if blockwise else 1, max_steps=steps)
+        trainer = cpu_trainer(epochs=-1 if blockwise else args.epochs, max_steps=steps)
         _, seconds = timed(lambda: trainer.fit(module, datamodule=self.data))
         tokens = trainer.global_step * self.data.batch_size * args.seq_len
         if start == "wanda":

@@ -29,6 +29,7 @@ from lightning_prune.checkpoints import (
     is_sharded_checkpoint,
     read_checkpoint_header,
 )
+from lightning_prune.contracts import WeightedTerm, check_contracts
 from lightning_prune.errors import ConfigError
 from lightning_prune.identity import config_record, model_weights_digest
 from lightning_prune.masks.base import STATE_DTYPE, MaskFamily
@@ -231,6 +232,15 @@ class PruningModule(LightningModule):
             check_sharded_strategy(ckpt_path, fsdp2, on_fsdp1)
 
     def setup(self, stage: str) -> None:
+        initializer = None
+        if self.init_mask is not None:
+            initializer = get_registry().get("initializers", initializer_name(self.init_mask))
+        check_contracts(  # what every plugin requires, once, before the LM is loaded
+            self.mask_family,
+            self.regularizers,
+            self.solver if stage == "fit" else None,
+            initializer,
+        )
         if stage == "fit" and self.blockwise is not None:
             self._check_blockwise_fit()
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -417,7 +427,7 @@ class PruningModule(LightningModule):
     def _log_regularizers(self) -> None:
         values = fsdp1.regularizer_values(self.regularizers, self.mask_family, self.fsdp1_layout)
         for regularizer in self.regularizers:
-            if hasattr(regularizer, "lam"):
+            if isinstance(regularizer, WeightedTerm):
                 values[f"reg/{type(regularizer).__name__}_lambda"] = regularizer.lam
         values["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         values.update(self.solver.metrics(self))
@@ -500,11 +510,10 @@ class PruningModule(LightningModule):
         keys = learnable_names(self)
         family = self.mask_family
         keys |= {  # W0 replaced by a one-shot method's updated weights (SparseGPT)
-            f"model.{name}.parametrizations.weight.original"
-            for name in getattr(family, "updated_weights", ())
+            f"model.{name}.parametrizations.weight.original" for name in family.updated_weights
         }
         keys |= {  # biases replaced by a one-shot method's compensation (FLAP)
-            f"model.{name}.bias" for name in getattr(family, "updated_biases", ())
+            f"model.{name}.bias" for name in family.updated_biases
         }
         return keys
 

@@ -68,8 +68,7 @@ class _SharedInputs:
 def _rows(family: MaskFamily, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """Weight-shaped ``tensor`` of target ``name`` between storage orientation and
     ``[out, in]`` (GPT-2 ``Conv1D`` stores ``[in, out]``)."""
-    transposed = getattr(family.parametrizations()[name], "transposed", False)
-    return tensor.t() if transposed else tensor
+    return family.parametrizations()[name].rows(tensor)
 
 
 def refit_target(

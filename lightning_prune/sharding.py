@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lightning_prune.contracts import NMPattern, SurrogateWeights
 from lightning_prune.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -87,11 +88,11 @@ def shard_model(
 
     ignored = set(family.replicated_parameters())
     along_out = set()  # weights stored [in, out]: shard dim 1 so N:M groups stay whole
-    for module in family.targets().values():
-        parametrization = module.parametrizations.weight[0]
-        if getattr(parametrization, "transposed", False) and hasattr(parametrization, "surrogate"):
-            original = module.parametrizations.weight.original
-            along_out |= {id(parametrization.surrogate), id(original)}
+    if isinstance(family, SurrogateWeights):
+        originals = family.originals()
+        for name, parametrization in family.surrogates().items():
+            if parametrization.transposed:
+                along_out |= {id(parametrization.surrogate), id(originals[name])}
 
     def placement(param: nn.Parameter) -> Shard | None:
         return Shard(1) if id(param) in along_out else None
@@ -104,12 +105,14 @@ def shard_model(
 
 def check_whole_groups(family: MaskFamily) -> None:
     """Raise ``ConfigError`` if any rank's shard of an N:M surrogate cuts a group."""
-    for name, parametrization in family.parametrizations().items():
-        surrogate = getattr(parametrization, "surrogate", None)
-        if surrogate is None or not is_sharded(surrogate):
+    if not (isinstance(family, NMPattern) and isinstance(family, SurrogateWeights)):
+        return
+    for name, parametrization in family.surrogates().items():
+        surrogate = parametrization.surrogate
+        if not is_sharded(surrogate):
             continue
         group_dim = 0 if parametrization.transposed else 1
-        size, m = surrogate.shape[group_dim], parametrization.m
+        size, m = surrogate.shape[group_dim], family.m
         for mesh_dim, placement in enumerate(surrogate.placements):
             if not (placement.is_shard() and placement.dim == group_dim):
                 continue

@@ -28,10 +28,13 @@ class Exporter(ABC):
 
     #: ``--dtype`` casts the written weights (otherwise the model's dtype is written)
     casts_dtype: bool = False
+    #: what the mask family must provide (protocols of :mod:`lightning_prune.contracts`)
+    requires: tuple[type, ...] = ()
 
-    @abstractmethod
     def supports(self, family: MaskFamily) -> bool:
-        """Whether this format can write a model pruned by ``family``."""
+        """Whether this format can write a model pruned by ``family`` (default: the family
+        provides every protocol in :attr:`requires`)."""
+        return all(isinstance(family, protocol) for protocol in self.requires)
 
     @abstractmethod
     def export(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lightning_prune.contracts import NMPattern
 from lightning_prune.errors import ConfigError
 from lightning_prune.export.atomic import atomic_directory
 from lightning_prune.export.base import Exporter
@@ -41,9 +42,7 @@ class CompressedNMExporter(Exporter):
     """``--format compressed-nm`` (N:M families only; ``--dtype`` casts the weights)."""
 
     casts_dtype = True
-
-    def supports(self, family: MaskFamily) -> bool:
-        return nm_pattern(family) is not None
+    requires = (NMPattern,)
 
     def export(
         self,
@@ -58,8 +57,7 @@ class CompressedNMExporter(Exporter):
 
 def nm_pattern(family: MaskFamily) -> tuple[int, int] | None:
     """``(n, m)`` of an N:M family, else ``None``."""
-    n, m = getattr(family, "n", None), getattr(family, "m", None)
-    return None if n is None or m is None else (n, m)
+    return (family.n, family.m) if isinstance(family, NMPattern) else None
 
 
 def export_compressed_nm(

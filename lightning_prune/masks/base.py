@@ -6,7 +6,7 @@ import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -45,6 +45,9 @@ class MaskParametrization(Float32State):
     the original weight's dtype, so the LM's matmuls run in the dtype it was loaded in.
     """
 
+    #: the masked weight is stored ``[in, out]`` (GPT-2 ``Conv1D``); subclasses set it per target
+    transposed: bool = False
+
     def __init__(self) -> None:
         super().__init__()
         self.mode = "learn"
@@ -57,6 +60,11 @@ class MaskParametrization(Float32State):
     @abstractmethod
     def learned_weight(self, original: torch.Tensor) -> torch.Tensor:
         """The weight used while learning."""
+
+    def rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A weight-shaped ``tensor`` viewed as ``[out, in]`` (its own inverse: storage
+        orientation back from ``[out, in]``)."""
+        return tensor.t() if self.transposed else tensor
 
     def hard_mask(self) -> torch.Tensor:
         """The final mask (cached while in ``hard`` mode)."""
@@ -96,9 +104,15 @@ class MaskFamily(ABC):
         self.updated_weights: set[str] = set()  # targets whose W0 was replaced (apply_weights)
         self.updated_biases: set[str] = set()  # targets whose bias was replaced (apply_biases)
 
-    @abstractmethod
-    def make_parametrization(self, name: str, module: nn.Module, transposed: bool) -> nn.Module:
-        """Build the parametrization for one target module's ``weight``."""
+    def make_parametrization(
+        self, name: str, module: nn.Module, transposed: bool
+    ) -> MaskParametrization:
+        """Build the parametrization for one target module's ``weight`` (called by the default
+        :meth:`attach`; a family that overrides ``attach``, e.g. ``uniform_structured``, need
+        not implement it)."""
+        raise NotImplementedError(
+            f"mask family {type(self).__name__}: implement make_parametrization() or attach()"
+        )
 
     @abstractmethod
     def verify(self) -> None:
@@ -158,9 +172,12 @@ class MaskFamily(ABC):
         view._targets = {name: self._targets[name] for name in names}
         return view
 
-    def parametrizations(self) -> dict[str, nn.Module]:
+    def parametrizations(self) -> dict[str, MaskParametrization]:
         """The mask parametrization of every target, by module name."""
-        return {n: m.parametrizations.weight[0] for n, m in self._targets.items()}
+        return {
+            n: cast(MaskParametrization, m.parametrizations.weight[0])
+            for n, m in self._targets.items()
+        }
 
     def originals(self) -> dict[str, torch.Tensor]:
         """The frozen pretrained weights W0, by module name."""

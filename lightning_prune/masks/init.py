@@ -42,6 +42,8 @@ class MaskInitializer(ABC):
 
     #: whether :meth:`compute` needs calibration batches
     needs_data: bool = False
+    #: what the mask family must provide (protocols of :mod:`lightning_prune.contracts`)
+    requires: tuple[type, ...] = ()
 
     @abstractmethod
     def compute(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from lightning_prune.contracts import Surrogate
 from lightning_prune.errors import ConfigError
 from lightning_prune.masks.base import STATE_DTYPE, MaskFamily, MaskParametrization
 from lightning_prune.ops.nm_prox import is_nm, nm_topn_mask
@@ -39,10 +40,6 @@ class NMSurrogate(MaskParametrization):
 
             dist.all_reduce(squares)
         self.w0_rms = float((squares / original.numel()).sqrt())
-
-    def rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        """View ``tensor`` as ``[out, in]`` so groups run along the last dim."""
-        return tensor.t() if self.transposed else tensor
 
     def local_rows(self) -> torch.Tensor:
         """This rank's shard of the surrogate as ``[out, in]`` (whole groups; the full
@@ -82,6 +79,9 @@ class NMSurrogate(MaskParametrization):
 class NMMaskFamily(MaskFamily):
     """N:M semi-structured sparsity: every group of ``m`` consecutive inputs keeps ``n``.
 
+    Provides :class:`~lightning_prune.contracts.NMPattern` (``n``, ``m``) and
+    :class:`~lightning_prune.contracts.SurrogateWeights` (:meth:`surrogates`).
+
     Args:
         n: kept weights per group.
         m: group size (``in_features`` of every target must be divisible by it).
@@ -101,7 +101,7 @@ class NMMaskFamily(MaskFamily):
         super().__init__(include, exclude)
         self.n, self.m = n, m
 
-    def make_parametrization(self, name: str, module: nn.Module, transposed: bool) -> nn.Module:
+    def make_parametrization(self, name: str, module: nn.Module, transposed: bool) -> NMSurrogate:
         weight = module.weight
         in_features = weight.shape[0] if transposed else weight.shape[1]
         if in_features % self.m:
@@ -110,6 +110,12 @@ class NMMaskFamily(MaskFamily):
                 "exclude it with mask_family.exclude"
             )
         return NMSurrogate(weight, self.n, self.m, transposed)
+
+    def surrogates(self) -> dict[str, Surrogate]:
+        """Every target's :class:`NMSurrogate`, by module name (typed as the
+        :class:`~lightning_prune.contracts.Surrogate` protocol, so mypy checks that they
+        provide it)."""
+        return {name: cast(NMSurrogate, p) for name, p in self.parametrizations().items()}
 
     def verify(self) -> None:
         for name, parametrization in self.parametrizations().items():
@@ -144,7 +150,7 @@ class NMMaskFamily(MaskFamily):
         Kept weights that are exactly zero in W0 get the smallest positive value, so the top-N
         rounding of an untouched warm start reproduces the given mask.
         """
-        for name, parametrization in self.parametrizations().items():
+        for name, parametrization in self.surrogates().items():
             if name in masks:
                 surrogate = parametrization.surrogate
                 keep = masks[name].to(surrogate.device, torch.bool)

@@ -112,6 +112,10 @@ class _Kind:
 class UniformStructuredFamily(MaskFamily, Float32State):
     """Uniform structured pruning: attention heads and MLP channels, the same count per layer.
 
+    Builds its gates in :meth:`attach` (no ``make_parametrization``). Provides
+    :class:`~lightning_prune.contracts.GatedUnits`, :class:`~lightning_prune.contracts.ScoredUnits`
+    and :class:`~lightning_prune.contracts.UnitLayouts`.
+
     Either give the kept share per type (``keep_heads``, ``keep_channels``) or one ``budget``
     (share of decoder-layer Linear parameters to remove) and let the minimax solver learn the
     split. Kept counts are rounded to what a stock config can express.
@@ -186,9 +190,6 @@ class UniformStructuredFamily(MaskFamily, Float32State):
         self._budget_terms: tuple[float, float] = (0.0, 0.0)  # fixed params, total params
 
     # -- attach -------------------------------------------------------------------------------
-    def make_parametrization(self, name: str, module: nn.Module, transposed: bool) -> nn.Module:
-        raise NotImplementedError("uniform_structured builds its gates in attach()")
-
     def attach(self, model: nn.Module, adapter: ModelAdapter) -> None:
         config = model.config
         spec = adapter.structured_spec()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
+from lightning_prune.contracts import NMPattern, Surrogate, SurrogateWeights, surrogates
 from lightning_prune.errors import ConfigError
 from lightning_prune.masks.base import MaskFamily
 from lightning_prune.ops.nm_prox import nm_group_counts, nm_prox, nm_regularizer
@@ -16,12 +17,12 @@ from lightning_prune.sharding import is_sharded
 
 def sum_over_shards(value: torch.Tensor, family: MaskFamily) -> torch.Tensor:
     """Sum a per-rank partial value over ranks when the surrogates are FSDP2-sharded."""
-    surrogates = [p.surrogate for p in family.parametrizations().values()]
-    if not surrogates or not is_sharded(surrogates[0]):
+    weights = [p.surrogate for p in surrogates(family).values()]
+    if not weights or not is_sharded(weights[0]):
         return value
     import torch.distributed as dist
 
-    value = value.to(surrogates[0].device, copy=True)  # NCCL reduces device tensors only
+    value = value.to(weights[0].device, copy=True)  # NCCL reduces device tensors only
     dist.all_reduce(value)
     return value.cpu()
 
@@ -39,6 +40,7 @@ class NMSparsityRegularizer(Regularizer):
     """
 
     has_prox = True
+    requires = (NMPattern, SurrogateWeights)
 
     def __init__(
         self,
@@ -50,56 +52,56 @@ class NMSparsityRegularizer(Regularizer):
             raise ConfigError(f"regularizer nm_sparsity.lam: expected a value >= 0, got {lam}")
         self.lam, self.lam_mode, self.prox_step = float(lam), lam_mode, prox_step
 
-    def bind(self, family: MaskFamily) -> None:
-        if not hasattr(family, "n") or not hasattr(family, "m"):
-            raise ConfigError(
-                "regularizer nm_sparsity needs an N:M mask family (nm), "
-                f"got {type(family).__name__}"
-            )
-
-    def layer_lambda(self, parametrization, lr: float = 1.0) -> float:
-        """Effective λ of one layer for one prox call."""
+    def layer_lambda(self, parametrization: Surrogate, n: int, lr: float = 1.0) -> float:
+        """Effective λ of one layer (keeping ``n`` per group) for one prox call."""
         lam = self.lam * (lr if self.prox_step == "lr_lambda" else 1.0)
         if self.lam_mode == "scale_free":
-            lam /= max(parametrization.w0_rms, 1e-12) ** (parametrization.n - 1)
+            lam /= max(parametrization.w0_rms, 1e-12) ** (n - 1)
         return lam
 
     @torch.no_grad()
     def prox_(self, family: MaskFamily, lr: float) -> None:
-        for name, parametrization in family.parametrizations().items():
+        n, m = _pattern(family)
+        for name, parametrization in surrogates(family).items():
             rows = parametrization.local_rows()  # whole groups on every FSDP2 shard
-            lam = self.layer_lambda(parametrization, lr)
-            n, m = parametrization.n, parametrization.m
+            lam = self.layer_lambda(parametrization, n, lr)
             rows.copy_(nm_prox(rows, lam, n, m, name=name))  # a refused shape names the layer
 
     @torch.no_grad()
     def penalty(self, family: MaskFamily) -> torch.Tensor:
+        n, m = _pattern(family)
         total = torch.zeros((), dtype=torch.float32)
-        for parametrization in family.parametrizations().values():
-            rows = parametrization.local_rows()
-            value = nm_regularizer(rows, parametrization.n, parametrization.m)
-            total = total + self.layer_lambda(parametrization) * value.float().cpu()
+        for parametrization in surrogates(family).values():
+            value = nm_regularizer(parametrization.local_rows(), n, m)
+            total = total + self.layer_lambda(parametrization, n) * value.float().cpu()
         return sum_over_shards(total, family)
 
     @torch.no_grad()
     def metrics(self, family: MaskFamily) -> dict[str, float]:
         """Share of groups already N:M, overall and per decoder layer (``_l{index}``), and the
         share of all groups holding ``k`` nonzeros (``nm_groups_nnz{k}``)."""
+        n, m = _pattern(family)
         done: dict[str, int] = {}
         sizes: dict[str, int] = {}
         levels = None
-        for name, parametrization in family.parametrizations().items():
+        for name, parametrization in surrogates(family).items():
             rows = parametrization.local_rows()  # this rank's shard under FSDP2
-            counts = sum_over_shards(nm_group_counts(rows, parametrization.m), family)
+            counts = sum_over_shards(nm_group_counts(rows, m), family)
             levels = counts if levels is None else levels + counts
             for key in ("nm_groups_done", _layer_key(name)):
-                done[key] = done.get(key, 0) + int(counts[: parametrization.n + 1].sum())
+                done[key] = done.get(key, 0) + int(counts[: n + 1].sum())
                 sizes[key] = sizes.get(key, 0) + int(counts.sum())
         values = {key: value / max(sizes[key], 1) for key, value in done.items()}
         if levels is not None:
             shares = levels.double() / max(int(levels.sum()), 1)
             values.update({f"nm_groups_nnz{k}": float(v) for k, v in enumerate(shares)})
         return values
+
+
+def _pattern(family: MaskFamily) -> tuple[int, int]:
+    """``(n, m)`` of the family (an :class:`NMPattern`, checked when the run was assembled)."""
+    pattern = cast(NMPattern, family)
+    return pattern.n, pattern.m
 
 
 def _layer_key(module_name: str) -> str:

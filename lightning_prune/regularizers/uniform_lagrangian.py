@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_prune.errors import ConfigError
-from lightning_prune.masks.base import MaskFamily
+from lightning_prune.contracts import GatedUnits
 from lightning_prune.ops.lagrangian import lagrangian_terms
 from lightning_prune.regularizers.base import Regularizer
 
@@ -18,17 +17,12 @@ class UniformLagrangian(Regularizer):
     ascends on them while the loss (this term included) descends on the gate logits.
     """
 
-    #: tells the minimax solver that this term carries the multipliers
+    requires = (GatedUnits,)
+    #: provides :class:`~lightning_prune.contracts.UniformTargets`: this term carries the
+    #: multipliers (what the minimax solver requires from the regularizers)
     enforces_uniform_targets = True
 
-    def bind(self, family: MaskFamily) -> None:
-        if not hasattr(family, "expected_kept") or not hasattr(family, "multipliers"):
-            raise ConfigError(
-                "regularizer uniform_lagrangian needs the uniform_structured mask family, "
-                f"got {type(family).__name__}"
-            )
-
-    def terms(self, family) -> dict[str, torch.Tensor]:
+    def terms(self, family: GatedUnits) -> dict[str, torch.Tensor]:
         """The Lagrangian of every unit type, summed over layers (differentiable)."""
         values = {}
         for kind in family.kinds():

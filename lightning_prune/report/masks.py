@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import yaml
 
+from lightning_prune.contracts import NMPattern, SurrogateWeights, UnitLayouts
 from lightning_prune.ops.nm_prox import nm_group_counts
 from lightning_prune.report.runs import ReportError, RunData
 
@@ -124,12 +125,13 @@ def module_from_run(config_text: str, checkpoint: Path) -> Any:
 def family_summary(module: Any, label: str) -> MaskSummary | None:
     """Summarize the loaded module's mask family (N:M surrogate or structured final mask)."""
     family = module.mask_family
-    if hasattr(family, "layer_layouts"):
+    if isinstance(family, UnitLayouts):
         layouts = family.layer_layouts()
         kept = {k: [layout[k].tolist() for layout in layouts] for k in ("heads", "channels")}
-        return structured_summary(kept, family.describe()["dense_shape"], f"final mask, {label}")
-    if hasattr(family, "n") and hasattr(family, "m"):
-        rows = {name: p.rows(p.surrogate.detach()) for name, p in family.parametrizations().items()}
+        dense = module.mask_family.describe()["dense_shape"]
+        return structured_summary(kept, dense, f"final mask, {label}")
+    if isinstance(family, NMPattern) and isinstance(family, SurrogateWeights):
+        rows = {name: p.rows(p.surrogate.detach()) for name, p in family.surrogates().items()}
         return nm_summary(rows, family.n, family.m, f"learned weights before rounding, {label}")
     return None
 

@@ -22,6 +22,9 @@ class Solver:
 
     #: the solver takes optimizer steps; ``False`` (``oneshot``): the fit ends before its first
     #: step (the host sets it up so; callbacks' ``on_fit_end`` still runs)
+    #: what the mask family and the regularizers must provide (protocols of
+    #: :mod:`lightning_prune.contracts`), checked when the run is assembled
+    requires: tuple[type, ...] = ()
     trains: bool = True
     #: gradient-norm clipping applied before every step (``None``: off)
     grad_clip: float | None = None

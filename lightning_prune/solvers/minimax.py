@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightning_prune.contracts import GatedUnits, UniformTargets, require
 from lightning_prune.errors import ConfigError
 from lightning_prune.solvers.base import Solver, check_grad_clip
 from lightning_prune.solvers.distillation import Distillation
@@ -32,6 +33,8 @@ class MinimaxSolver(Solver):
         distill_temperature: softmax temperature of the distillation term.
         grad_clip: gradient-norm clipping of all groups (``None``: off).
     """
+
+    requires = (GatedUnits, UniformTargets)
 
     def __init__(
         self,
@@ -60,16 +63,7 @@ class MinimaxSolver(Solver):
 
     def configure_optimizers(self, module: PruningModule) -> Any:
         family = module.mask_family
-        if not hasattr(family, "multiplier_parameters"):
-            raise ConfigError(
-                "solver minimax needs the uniform_structured mask family, "
-                f"got {type(family).__name__}"
-            )
-        if not any(getattr(r, "enforces_uniform_targets", False) for r in module.regularizers):
-            raise ConfigError(
-                "solver minimax needs the uniform_lagrangian regularizer (it carries the "
-                "multipliers): add `- class_path: uniform_lagrangian` to model.regularizers"
-            )
+        require("solver", self, family, module.regularizers)
         groups = [
             {"params": family.mask_parameters(), "lr": self.lr},
             {  # ascent without momentum: it turns as soon as the gap changes sign

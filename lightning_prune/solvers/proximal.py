@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from lightning_prune.contracts import SurrogateWeights
 from lightning_prune.errors import ConfigError
 from lightning_prune.solvers.base import Solver, check_grad_clip, warmup_linear_decay
 from lightning_prune.solvers.distillation import Distillation
@@ -93,11 +94,12 @@ class ProximalSolver(Solver):
         """One group at ``lr`` (``absolute``), or one per surrogate at ``lr · rms(W0)``."""
         if self.lr_scale == "absolute":
             return [{"params": params, "lr": self.lr}]
-        scale = {
-            id(p.surrogate): p.w0_rms
-            for p in module.mask_family.parametrizations().values()
-            if hasattr(p, "surrogate")
-        }
+        family = module.mask_family
+        scale = (
+            {id(p.surrogate): p.w0_rms for p in family.surrogates().values()}
+            if isinstance(family, SurrogateWeights)
+            else {}
+        )
         unscaled = [p for p in params if id(p) not in scale]
         if unscaled:
             raise ConfigError(

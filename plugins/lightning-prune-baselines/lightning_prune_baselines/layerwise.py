@@ -77,8 +77,7 @@ def layer_by_layer(
 def as_rows(family: MaskFamily, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """Target ``name``'s weight-shaped ``tensor`` between storage orientation and ``[out, in]``
     (a transpose for GPT-2 ``Conv1D``; its own inverse)."""
-    transposed = getattr(family.parametrizations()[name], "transposed", False)
-    return tensor.t() if transposed else tensor
+    return family.parametrizations()[name].rows(tensor)
 
 
 def stored_rows(family: MaskFamily, name: str) -> torch.Tensor:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from lightning_prune.contracts import NMPattern
 from lightning_prune.errors import ConfigError
 from lightning_prune.masks.base import MaskFamily
 from lightning_prune.masks.init import MaskInitializer, OneShotUpdate
@@ -16,8 +17,7 @@ from lightning_prune_baselines.ops import InputStats, keep_mask, sparsegpt, wand
 
 def nm_pattern(family: MaskFamily, method: str, sparsity: float | None) -> tuple[int, int]:
     """The family's ``(n, m)``; a clear error for families without an N:M layout."""
-    n, m = getattr(family, "n", None), getattr(family, "m", None)
-    if n is None or m is None:
+    if not isinstance(family, NMPattern):
         raise ConfigError(
             f"init_mask '{method}' is an N:M/unstructured method and needs the nm mask family, "
             f"got {type(family).__name__}; for uniform structured pruning use "
@@ -25,13 +25,14 @@ def nm_pattern(family: MaskFamily, method: str, sparsity: float | None) -> tuple
         )
     if sparsity is not None and not 0 <= sparsity < 1:
         raise ConfigError(f"init_mask '{method}'.sparsity: expected [0, 1), got {sparsity}")
-    return n, m
+    return family.n, family.m
 
 
 class _LayerwiseNM(MaskInitializer):
     """Shared options of the calibration-driven N:M methods."""
 
     needs_data = True
+    requires = (NMPattern,)
     method = ""
     hessian = False
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from lightning_prune.contracts import ScoredUnits
 from lightning_prune.errors import ConfigError
 from lightning_prune.masks.base import MaskFamily
 from lightning_prune.masks.init import MaskInitializer, OneShotUpdate
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 def structured_family(family: MaskFamily, method: str) -> MaskFamily:
     """``family`` when it is uniform structured; a clear error otherwise."""
-    if not hasattr(family, "masks_from_scores"):
+    if not isinstance(family, ScoredUnits):
         raise ConfigError(
             f"init_mask '{method}' is a uniform structured method and needs the "
             f"uniform_structured mask family, got {type(family).__name__}; for N:M use "
@@ -37,6 +38,8 @@ def structured_family(family: MaskFamily, method: str) -> MaskFamily:
 class MagnitudeStructuredInit(MaskInitializer):
     """Keep the units with the largest weight norm (every weight removed with the unit)."""
 
+    requires = (ScoredUnits,)
+
     def compute(self, model, family, batches=None) -> dict[str, torch.Tensor]:
         return structured_family(family, "magnitude_structured").magnitude_masks()
 
@@ -45,6 +48,7 @@ class _ActivationStructured(MaskInitializer):
     """Scores a unit from its output projection's weight columns and their input statistics."""
 
     needs_data = True
+    requires = (ScoredUnits,)
     method = ""
 
     def __init__(self, max_batches: int | None = None, min_tokens: int = 64):

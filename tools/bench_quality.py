@@ -13,8 +13,9 @@ Structured rows (``--budget`` of the decoder parameters removed, same counts for
 ``minimax`` (learns the head/channel split the others then use), ``minimax+refit``,
 ``wanda_sp``, ``wanda_sp+refit``, ``flap``. Block-wise minimax is not supported by the solver.
 
-One process measures the ``--rows`` it is given and merges them into ``--output`` (rewritten
-after every row, with the commit it measured), so rows can run side by side on a shared box:
+One process measures the ``--rows`` it is given and merges them into ``--output`` (re-read and
+rewritten after every row, each row with the commit it measured), so parts can run side by side
+on a shared box:
 
     cd tools && OMP_NUM_THREADS=1 python bench_quality.py --rows dense magnitude wanda \
         wanda+refit sparsegpt --output ../bench_results/quality/smollm2.json
@@ -123,9 +124,13 @@ class Results:
         self.write()
 
     def write(self) -> None:
+        """Rewrite the file with its rows (another process may have added some) and ours."""
+        stored = json.loads(self.path.read_text()) if self.path.exists() else {}
+        merged = {r["row"]: r for r in stored.get("rows", [])} | self.rows
         order = {name: i for i, name in enumerate(ROWS)}
-        rows = sorted(self.rows.values(), key=lambda r: order[r["row"]])
-        write_json(self.path, {**self.header, "rows": rows})
+        rows = sorted(merged.values(), key=lambda r: order[r["row"]])
+        shape = self.header["structured_shape"] or stored.get("structured_shape")
+        write_json(self.path, {**self.header, "structured_shape": shape, "rows": rows})
 
 
 def timed(work: Callable[[], Any]) -> tuple[Any, float]:

@@ -100,6 +100,7 @@ class Results:
 
     def __init__(self, path: Path, args: argparse.Namespace, sources: dict[str, torch.Tensor]):
         self.path, self.sources = path, sources
+        self.commit = commit()  # the code this process loaded
         previous = json.loads(path.read_text()) if path.exists() else {}
         self.rows: dict[str, dict] = {r["row"]: r for r in previous.get("rows", [])}
         settings = {k: v for k, v in vars(args).items() if k not in ("rows", "output")}
@@ -116,7 +117,7 @@ class Results:
         }
 
     def measure(self, name: str, model: torch.nn.Module, seconds: float, tokens: int) -> None:
-        row = {"row": name, "seconds": round(seconds, 1), "tokens": tokens, "commit": commit()}
+        row = {"row": name, "seconds": round(seconds, 1), "tokens": tokens, "commit": self.commit}
         for source, windows in self.sources.items():
             row[source] = perplexity(model, windows, desc=f"{name}/{source}")
         self.rows[name] = row

@@ -1,7 +1,10 @@
 """FSDP1 (Lightning's ``FSDPStrategy``, GPUs): wrap per decoder layer, prox on whole groups.
+The implementation of :class:`lightning_prune.backends.fsdp1.FSDP1Backend`; nothing else but
+the launch checks (:mod:`lightning_prune.launch_checks`) imports it.
 
-``PruningModule.configure_model`` wraps the LM in ``FullyShardedDataParallel`` (FSDP1): every
-decoder layer is one FSDP unit, the rest of the LM (embeddings, norm, head) the root unit.
+The backend's ``prepare`` (from ``PruningModule.configure_model``) wraps the LM in
+``FullyShardedDataParallel`` (FSDP1): every decoder layer is one FSDP unit, the rest of the LM
+(embeddings, norm, head) the root unit.
 ``use_orig_params=True`` keeps the surrogate weights as parameters of their own, so AdamW and
 its moments work on each rank's flat shard: the learnable copy and the optimizer state stay
 sharded. Small mask state read outside the layers' forward (structured gates, Lagrange
@@ -29,14 +32,12 @@ import torch
 from torch import nn
 
 from lightning_prune.errors import ConfigError
+from lightning_prune.masks.base import STATE_DTYPE, dtype_names
 
 if TYPE_CHECKING:
     from lightning_prune.adapters.base import ModelAdapter
     from lightning_prune.masks.base import MaskFamily
     from lightning_prune.regularizers.base import Regularizer
-
-#: prefixes FSDP1 and activation checkpointing add to parameter names (state-dict keys lack them)
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 def is_fsdp1(strategy: Any) -> bool:
@@ -44,13 +45,6 @@ def is_fsdp1(strategy: Any) -> bool:
     from lightning.pytorch.strategies import FSDPStrategy
 
     return isinstance(strategy, FSDPStrategy)
-
-
-def clean_name(name: str) -> str:
-    """A parameter name as state dicts write it (without FSDP1's wrapper prefixes)."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
 
 
 @dataclass
@@ -185,38 +179,6 @@ def harden(family: MaskFamily, layout: FSDP1Layout | None) -> None:
         view.verify()
 
 
-@torch.no_grad()
-def regularizer_values(
-    regularizers: list[Regularizer], family: MaskFamily, layout: FSDP1Layout | None
-) -> dict[str, float]:
-    """Every regularizer's weighted value (``reg/NAME``) and metrics (``reg/KEY``).
-
-    Under FSDP1 they are computed one unit at a time: values are summed over units (the terms
-    are sums over layers) and metrics, which are shares of N:M groups, are averaged weighted
-    by each unit's number of mask entries.
-    """
-    parts: list[tuple[dict[str, float], float]] = []
-    for view in whole_group_views(family, layout, writeback=False):
-        values: dict[str, float] = {}
-        for regularizer in regularizers:
-            values[f"reg/{type(regularizer).__name__}"] = float(regularizer.penalty(view))
-            values.update({f"reg/{k}": v for k, v in regularizer.metrics(view).items()})
-        size = sum(w.numel() for w in view.originals().values())
-        parts.append((values, float(size)))
-    if len(parts) == 1:
-        return parts[0][0]
-    penalties = {f"reg/{type(r).__name__}" for r in regularizers}
-    combined: dict[str, float] = {}
-    for key in dict.fromkeys(k for values, _ in parts for k in values):
-        present = [(values[key], size) for values, size in parts if key in values]
-        if key in penalties:
-            combined[key] = math.fsum(value for value, _ in present)
-        else:
-            total = math.fsum(size for _, size in present)
-            combined[key] = math.fsum(value * size for value, size in present) / total
-    return combined
-
-
 def check_regularizers(regularizers: list[Regularizer], layout: FSDP1Layout) -> None:
     """Smooth terms read the surrogates in ``training_step``, where FSDP1 holds flat slices."""
     if not layout.gathers:
@@ -230,6 +192,27 @@ def check_regularizers(regularizers: list[Regularizer], layout: FSDP1Layout) -> 
         )
 
 
+def check_dtypes(family: MaskFamily) -> None:
+    """FSDP1 flattens each unit's frozen weights and its sharded mask state (surrogates) into
+    one tensor of one dtype: refuse an LM whose dtype is not the mask state's (float32)."""
+    replicated = {id(p) for p in family.replicated_parameters()}
+    sharded = [
+        p
+        for parametrization in family.parametrizations().values()
+        for p in parametrization.parameters()
+        if id(p) not in replicated
+    ]
+    dtypes = {w.dtype for w in family.originals().values()}
+    if sharded and dtypes != {STATE_DTYPE}:
+        raise ConfigError(
+            f"model.dtype: {dtype_names(dtypes)} with FSDPStrategy (FSDP1), which flattens "
+            "every decoder layer's frozen weights and its float32 surrogate weights into one "
+            "tensor of a single dtype; set model.dtype: float32 and trainer.precision: "
+            "bf16-mixed (FSDP1 computes in bfloat16 and keeps float32 shards), or shard with "
+            "configs/fsdp2.yaml"
+        )
+
+
 def clip_grad_norm_(module: nn.Module, layout: FSDP1Layout, max_norm: float) -> torch.Tensor:
     """Clip the gradient norm of every trainable parameter of ``module`` to ``max_norm``.
 
@@ -237,7 +220,8 @@ def clip_grad_norm_(module: nn.Module, layout: FSDP1Layout, max_norm: float) -> 
     of the LM; parameters outside the LM (e.g. learned per-type targets) are added once, since
     their gradients are the same on every rank.
     """
-    total = layout.root.clip_grad_norm_(math.inf)  # the norm only: the factor is 1
+    root: Any = layout.root  # a FullyShardedDataParallel
+    total = root.clip_grad_norm_(math.inf)  # the norm only: the factor is 1
     inside = {id(p) for p in layout.root.parameters()}
     outside = [p.grad for p in module.parameters() if p.grad is not None and id(p) not in inside]
     if outside:

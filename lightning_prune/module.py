@@ -8,11 +8,16 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_prune import fsdp1
 from lightning_prune.adapters import adapter_for
+from lightning_prune.backends import (
+    NoSharding,
+    ShardingBackend,
+    backend_class,
+    backend_for,
+    clean_name,
+)
 from lightning_prune.blockwise import BlockInputs, BlockwiseObjective, reconstruction_loss
 from lightning_prune.checkpoint_format import (
     LAYOUT_KEY,
@@ -20,7 +25,6 @@ from lightning_prune.checkpoint_format import (
     check_identity,
     check_learned_state,
     fingerprint_record,
-    layout_record,
     saved_record,
 )
 from lightning_prune.checkpoints import (
@@ -32,7 +36,7 @@ from lightning_prune.checkpoints import (
 from lightning_prune.contracts import WeightedTerm, check_contracts
 from lightning_prune.errors import ConfigError
 from lightning_prune.identity import config_record, model_weights_digest
-from lightning_prune.masks.base import STATE_DTYPE, MaskFamily
+from lightning_prune.masks.base import MaskFamily, dtype_names
 from lightning_prune.masks.init import build_initializer, initializer_name
 from lightning_prune.models import load_causal_lm
 from lightning_prune.models.sharded_loading import (
@@ -42,7 +46,6 @@ from lightning_prune.models.sharded_loading import (
 )
 from lightning_prune.registry import get_registry
 from lightning_prune.regularizers.base import Regularizer
-from lightning_prune.sharding import all_reduce_replicated_grads, fsdp_mesh, shard_model
 from lightning_prune.solvers.base import Solver
 
 
@@ -50,10 +53,10 @@ class PruningModule(LightningModule):
     """Learns a pruning mask for a frozen causal LM.
 
     The LM is loaded in ``configure_model`` (so strategies can shard it), every parameter is
-    frozen, and the mask family attaches its learnable state to the target modules. Under
-    ``ModelParallelStrategy`` every decoder layer, then the whole LM, is sharded with FSDP2
-    (``fully_shard``; see :mod:`lightning_prune.sharding`); under ``FSDPStrategy`` they are
-    wrapped in FSDP1 units (:mod:`lightning_prune.fsdp1`).
+    frozen, and the mask family attaches its learnable state to the target modules. The
+    trainer's strategy picks a sharding backend there, once (:mod:`lightning_prune.backends`),
+    which shards or wraps the LM and handles everything that depends on how it is distributed
+    (whole groups for the prox, replicated gradients, clipping, the checkpoint layout).
 
     Args:
         model: embedded model name (``smollm2-135m``), local HF folder or hub id.
@@ -127,7 +130,8 @@ class PruningModule(LightningModule):
         if init_mask is not None:
             get_registry().info("initializers", initializer_name(init_mask))  # fail early
         self.model: torch.nn.Module | None = None
-        self.fsdp1_layout: fsdp1.FSDP1Layout | None = None  # set when wrapped in FSDP1
+        #: how the LM and the mask state are distributed (chosen in ``configure_model``)
+        self.backend: ShardingBackend = NoSharding()
         self.strict_loading = False  # checkpoints hold the learnable state only
         self.register_state_dict_post_hook(_keep_learned_state)
 
@@ -135,12 +139,13 @@ class PruningModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        mesh = fsdp_mesh(self._device_mesh)
-        # FSDP2: build on the meta device, load each rank's shards only (a one-shot warm start
-        # calibrates on the whole model, so it loads the whole model on every rank first; so
-        # does a mask family that cannot initialise its state from loaded shards)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        self.backend = backend = backend_for(strategy, self.device_mesh)
+        # sharded loading: build on the meta device, load each rank's shards only (a one-shot
+        # warm start calibrates on the whole model, so it loads the whole model on every rank
+        # first; so does a mask family that cannot initialise its state from loaded shards)
         sharded_load = (
-            mesh is not None
+            backend.loads_shards
             and self.init_mask is None
             and type(self.mask_family).reset_state is not MaskFamily.reset_state
             and safetensors_files(self.model_name) is not None
@@ -168,15 +173,7 @@ class PruningModule(LightningModule):
             ]
         if self.init_mask is not None and self._trainer is not None:
             self.apply_initializer(self.init_mask)  # same data on every rank: same masks
-        if mesh is not None:
-            shard_model(model, adapter, self.mask_family, mesh)
-        elif self._trainer is not None and fsdp1.is_fsdp1(self.trainer.strategy):
-            check_fsdp1_dtypes(self.mask_family)
-            layout = fsdp1.wrap_model(model, adapter, self.mask_family, self.trainer.strategy)
-            fsdp1.check_regularizers(self.regularizers, layout)
-            self.model, self.fsdp1_layout = layout.root, layout
-            for param in self._replicated_fsdp1():  # FSDP moves only what it manages
-                param.data = param.data.to(self.trainer.strategy.root_device)
+        self.model = backend.prepare(self, model, adapter)
         if sharded_load:
             materialize_shards(model, self.model_name, self.device_for_shards())
             self.mask_family.reset_state()
@@ -219,17 +216,16 @@ class PruningModule(LightningModule):
         """Refuse, before any process starts, a checkpoint made for another model or mask, or
         one that ``trainer``'s strategy cannot reshard (see ``check_resume_layout``). With
         ``resume=False`` (validate) only the model state is read: any full file loads, a
-        sharded folder needs FSDP2."""
+        sharded folder needs the kind of sharding that saved it."""
         if not Path(ckpt_path).exists():
             return  # "last", "hpc" and missing files: Lightning reports them
         self.check_checkpoint(read_checkpoint_header(ckpt_path))
-        fsdp2 = isinstance(trainer.strategy, ModelParallelStrategy)
-        on_fsdp1 = fsdp1.is_fsdp1(trainer.strategy)
+        layout = backend_class(trainer.strategy).layout_flags()
         world = trainer.num_devices * trainer.num_nodes
         if resume:
-            check_resume_layout(ckpt_path, fsdp2, world, fsdp1=on_fsdp1)
+            check_resume_layout(ckpt_path, world_size=world, **layout)
         elif is_sharded_checkpoint(ckpt_path):
-            check_sharded_strategy(ckpt_path, fsdp2, on_fsdp1)
+            check_sharded_strategy(ckpt_path, **layout)
 
     def setup(self, stage: str) -> None:
         initializer = None
@@ -263,7 +259,7 @@ class PruningModule(LightningModule):
                 "learns block-wise)"
             )
         strategy = self.trainer.strategy
-        if isinstance(strategy, ModelParallelStrategy) or fsdp1.is_fsdp1(strategy):
+        if backend_class(strategy).shards_model:
             raise ConfigError(
                 "model.objective: blockwise runs on one device or DDP, not on "
                 f"{type(strategy).__name__}: one block is learned at a time, so the model need "
@@ -320,8 +316,8 @@ class PruningModule(LightningModule):
         learned = {p.dtype for p in self.parameters() if p.requires_grad}
         return {
             "precision": str(self.trainer.precision),
-            "model_dtype": _dtype_names(w.dtype for w in self.mask_family.originals().values()),
-            "mask_state_dtype": _dtype_names(learned),
+            "model_dtype": dtype_names(w.dtype for w in self.mask_family.originals().values()),
+            "mask_state_dtype": dtype_names(learned),
         }
 
     def on_fit_start(self) -> None:
@@ -349,7 +345,7 @@ class PruningModule(LightningModule):
             if not regularizer.has_prox:
                 total = total + regularizer.penalty(family)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss
-        if self._log_step() and not self._gathers():
+        if self._log_step() and not self.backend.gathers:
             self._log_regularizers()
         return total
 
@@ -407,25 +403,23 @@ class PruningModule(LightningModule):
     def _log_step(self) -> bool:
         return self.global_step % max(self.trainer.log_every_n_steps, 1) == 0
 
-    def _gathers(self) -> bool:
-        """Whether whole N:M groups need an FSDP1 unit gathered (never inside the forward or
-        backward: the regularizers are then logged before the optimizer step)."""
-        return self.fsdp1_layout is not None and self.fsdp1_layout.gathers
-
     def on_before_optimizer_step(self, optimizer: Any) -> None:
-        if self._log_step() and self._gathers():  # the surrogates are unchanged since the loss
+        # whole groups need gathers, never inside the forward or backward: log here, where the
+        # state is unchanged since the loss
+        if self._log_step() and self.backend.gathers:
             self._log_regularizers()
 
     def whole_group_views(self, writeback: bool = True) -> Iterator[MaskFamily]:
-        """The mask family with whole N:M groups, for a prox: itself, or under FSDP1 one view
-        per FSDP unit while that unit is gathered (see :func:`fsdp1.whole_group_views`); in a
-        block-wise fit, the block being learned only."""
+        """The mask family with whole N:M groups, for a prox: the backend's views (the family
+        itself, or one view per gathered unit of a sharded model, see
+        ``ShardingBackend.whole_group_views``); in a block-wise fit, the block being learned
+        only."""
         if self.blockwise is not None:
             return iter([self._learned_view()])
-        return fsdp1.whole_group_views(self.mask_family, self.fsdp1_layout, writeback)
+        return self.backend.whole_group_views(self.mask_family, writeback)
 
     def _log_regularizers(self) -> None:
-        values = fsdp1.regularizer_values(self.regularizers, self.mask_family, self.fsdp1_layout)
+        values = self.backend.regularizer_values(self.regularizers, self.mask_family)
         for regularizer in self.regularizers:
             if isinstance(regularizer, WeightedTerm):
                 values[f"reg/{type(regularizer).__name__}_lambda"] = regularizer.lam
@@ -439,29 +433,15 @@ class PruningModule(LightningModule):
         return self.solver.configure_optimizers(self)
 
     def on_after_backward(self) -> None:
-        if self._device_mesh is not None:  # FSDP2 reduces only the parameters it shards
-            all_reduce_replicated_grads(self)
-        elif self.fsdp1_layout is not None:  # FSDP1 ignores the replicated mask state
-            all_reduce_replicated_grads(self, self._replicated_fsdp1())
-
-    def _replicated_fsdp1(self) -> list[torch.nn.Parameter]:
-        """What FSDP1 leaves whole: its ignored states and the trainable parameters outside
-        the LM (e.g. the family's learned per-type targets)."""
-        params = {id(p): p for p in self.fsdp1_layout.replicated}
-        for name, param in self.named_parameters():
-            if param.requires_grad and name.split(".")[0] != "model":
-                params.setdefault(id(param), param)
-        return list(params.values())
+        self.backend.reduce_replicated_grads(self)  # what the strategy leaves unreduced
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.solver.grad_clip
         algorithm = gradient_clip_algorithm or "norm"
-        if clip and self.fsdp1_layout is not None and algorithm == "norm":
-            fsdp1.clip_grad_norm_(self, self.fsdp1_layout, clip)  # Lightning refuses it
-        elif clip:
-            self.clip_gradients(optimizer, clip, algorithm)
+        if clip:
+            self.backend.clip_gradients(self, optimizer, clip, algorithm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -469,7 +449,7 @@ class PruningModule(LightningModule):
 
     # -- validation: the mask that would ship -------------------------------------------------
     def on_validation_start(self) -> None:
-        fsdp1.harden(self.mask_family, self.fsdp1_layout)
+        self.backend.harden(self.mask_family)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch["input_ids"], batch["labels"]).loss
@@ -502,7 +482,7 @@ class PruningModule(LightningModule):
         value (a header without ``state_dict`` is checked for the model and mask only)."""
         saved = saved_record(checkpoint)
         check_identity(saved, self.fingerprint())
-        if "state_dict" in checkpoint:  # absent from a header, or when FSDP2 loaded the shards
+        if "state_dict" in checkpoint:  # absent from a header, or when the strategy loaded shards
             check_learned_state(checkpoint["state_dict"], learnable_names(self))
 
     def learned_state_keys(self) -> set[str]:
@@ -521,42 +501,14 @@ class PruningModule(LightningModule):
         keep = self.learned_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint[RECORD_KEY] = self.fingerprint()
-        checkpoint[LAYOUT_KEY] = layout_record(
-            fsdp2=self._device_mesh is not None,
-            world_size=self.trainer.world_size if self._trainer is not None else 1,
-            fsdp1=self.fsdp1_layout is not None,
+        checkpoint[LAYOUT_KEY] = self.backend.layout_record(
+            world_size=self.trainer.world_size if self._trainer is not None else 1
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint(checkpoint)
-        if self.fsdp1_layout is not None and self._trainer is not None:
-            fsdp1.unshard_optimizer_states(self.trainer.optimizers)  # loaded by the strategy
-
-
-def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
-    """``bfloat16``, or ``bfloat16+float32`` for several dtypes."""
-    return "+".join(sorted({str(d).removeprefix("torch.") for d in dtypes})) or "none"
-
-
-def check_fsdp1_dtypes(family: MaskFamily) -> None:
-    """FSDP1 flattens each unit's frozen weights and its sharded mask state (surrogates) into
-    one tensor of one dtype: refuse an LM whose dtype is not the mask state's (float32)."""
-    replicated = {id(p) for p in family.replicated_parameters()}
-    sharded = [
-        p
-        for parametrization in family.parametrizations().values()
-        for p in parametrization.parameters()
-        if id(p) not in replicated
-    ]
-    dtypes = {w.dtype for w in family.originals().values()}
-    if sharded and dtypes != {STATE_DTYPE}:
-        raise ConfigError(
-            f"model.dtype: {_dtype_names(dtypes)} with FSDPStrategy (FSDP1), which flattens "
-            "every decoder layer's frozen weights and its float32 surrogate weights into one "
-            "tensor of a single dtype; set model.dtype: float32 and trainer.precision: "
-            "bf16-mixed (FSDP1 computes in bfloat16 and keeps float32 shards), or shard with "
-            "configs/fsdp2.yaml"
-        )
+        if self._trainer is not None:
+            self.backend.after_checkpoint_load(self.trainer.optimizers)  # loaded by the strategy
 
 
 def _keep_learned_state(module: PruningModule, state_dict: dict, prefix: str, metadata) -> None:
@@ -570,5 +522,5 @@ def _keep_learned_state(module: PruningModule, state_dict: dict, prefix: str, me
 
 
 def learnable_names(module: torch.nn.Module) -> set[str]:
-    """State-dict names of the trainable parameters (FSDP1's wrapper prefixes removed)."""
-    return {fsdp1.clean_name(n) for n, p in module.named_parameters() if p.requires_grad}
+    """State-dict names of the trainable parameters (wrapper prefixes removed)."""
+    return {clean_name(n) for n, p in module.named_parameters() if p.requires_grad}

@@ -1,29 +1,34 @@
-"""FSDP2 sharding of the pruned LM (``fully_shard`` per decoder layer) and its layout checks.
+"""FSDP2 sharding of the pruned LM (``fully_shard`` per decoder layer) and its layout checks:
+the implementation of :class:`lightning_prune.backends.fsdp2.FSDP2Backend`.
 
 Lightning's ``ModelParallelStrategy`` calls ``PruningModule.configure_model`` with a device mesh;
-this module shards the frozen LM there. FSDP2 shards every parameter along dim 0 unless told
-otherwise. N:M groups run along the *input* dim, so:
+the FSDP2 backend shards the frozen LM there. FSDP2 shards every parameter along dim 0 unless
+told otherwise. What must stay whole is read from the mask family's declarations, never from
+its own classes:
 
-- ``nn.Linear`` weights (``[out, in]``) are sharded by rows: every rank holds whole groups;
-- transposed weights (GPT-2 ``Conv1D``, ``[in, out]``) would be cut along the group dim, so
-  their W0 and surrogate are sharded along dim 1 (output features) instead;
-- :func:`check_whole_groups` asserts the result and refuses a layout where a group straddles
+- ``MaskFamily.grouped_tensors()``: tensors with groups of consecutive entries along a dim
+  (N:M groups along a weight's input dim). A tensor grouped along dim 0 (GPT-2 ``Conv1D``
+  weights, ``[in, out]``) is sharded along dim 1 instead; one grouped along dim 1
+  (``nn.Linear``, ``[out, in]``) is sharded by rows, so every rank holds whole groups;
+  :func:`check_whole_groups` asserts the result and refuses a layout where a group straddles
   two shards.
+- ``MaskFamily.replicated_parameters()``: small state read outside the layer's forward
+  (structured gates, Lagrange multipliers) is not sharded, and
+  :func:`all_reduce_replicated_grads` averages its gradients over ranks after every backward.
 
-Mask state that is small and read outside the layer's forward (structured gates, Lagrange
-multipliers) is not sharded: the family lists it in ``replicated_parameters()``, and
-:func:`all_reduce_replicated_grads` averages its gradients over ranks after every backward.
+The family then reads its sharded state through :class:`DTensorShards` (its
+``MaskFamily.shard_view``): ``DTensor`` local shards, sums over ranks.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
-from lightning_prune.contracts import NMPattern, SurrogateWeights
 from lightning_prune.errors import ConfigError
+from lightning_prune.masks.base import ShardView
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -41,7 +46,7 @@ def is_sharded(tensor: torch.Tensor) -> bool:
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a sharded tensor (a view of its storage), else ``tensor`` itself."""
-    return tensor.to_local() if is_sharded(tensor) else tensor
+    return cast(Any, tensor).to_local() if is_sharded(tensor) else tensor
 
 
 def shard_bounds(size: int, world: int) -> list[tuple[int, int]]:
@@ -79,6 +84,27 @@ def fsdp_mesh(device_mesh: DeviceMesh | None) -> DeviceMesh | None:
     return device_mesh
 
 
+class DTensorShards(ShardView):
+    """The mask state as FSDP2 leaves it outside the forward: ``DTensor`` shards."""
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        return local(tensor)
+
+    def holds_whole(self, tensor: torch.Tensor, shape: tuple[int, ...]) -> bool:
+        return not is_sharded(tensor) and super().holds_whole(tensor, shape)
+
+    def sum_over_ranks(self, value: torch.Tensor, of: torch.Tensor) -> torch.Tensor:
+        """All-reduce ``value`` (on ``of``'s device: NCCL reduces device tensors only) when
+        ``of`` is sharded; the result is on the CPU."""
+        if not is_sharded(of):
+            return value
+        import torch.distributed as dist
+
+        value = value.to(of.device, copy=True)
+        dist.all_reduce(value)
+        return value.cpu()
+
+
 def shard_model(
     model: nn.Module, adapter: ModelAdapter, family: MaskFamily, mesh: DeviceMesh
 ) -> None:
@@ -87,15 +113,11 @@ def shard_model(
     from torch.distributed.tensor import Shard
 
     ignored = set(family.replicated_parameters())
-    along_out = set()  # weights stored [in, out]: shard dim 1 so N:M groups stay whole
-    if isinstance(family, SurrogateWeights):
-        originals = family.originals()
-        for name, parametrization in family.surrogates().items():
-            if parametrization.transposed:
-                along_out |= {id(parametrization.surrogate), id(originals[name])}
+    # tensors grouped along dim 0 (weights stored [in, out]): shard dim 1, groups stay whole
+    along_1 = {id(grouped.tensor) for grouped in family.grouped_tensors() if grouped.dim == 0}
 
     def placement(param: nn.Parameter) -> Shard | None:
-        return Shard(1) if id(param) in along_out else None
+        return Shard(1) if id(param) in along_1 else None
 
     for layer in adapter.decoder_layers(model):
         fully_shard(layer, mesh=mesh, shard_placement_fn=placement, ignored_params=ignored)
@@ -104,24 +126,22 @@ def shard_model(
 
 
 def check_whole_groups(family: MaskFamily) -> None:
-    """Raise ``ConfigError`` if any rank's shard of an N:M surrogate cuts a group."""
-    if not (isinstance(family, NMPattern) and isinstance(family, SurrogateWeights)):
-        return
-    for name, parametrization in family.surrogates().items():
-        surrogate = parametrization.surrogate
-        if not is_sharded(surrogate):
+    """Raise ``ConfigError`` if any rank's shard of a grouped tensor of ``family`` cuts a
+    group (``MaskFamily.grouped_tensors``)."""
+    for grouped in family.grouped_tensors():
+        tensor: Any = grouped.tensor
+        if not is_sharded(tensor):
             continue
-        group_dim = 0 if parametrization.transposed else 1
-        size, m = surrogate.shape[group_dim], family.m
-        for mesh_dim, placement in enumerate(surrogate.placements):
-            if not (placement.is_shard() and placement.dim == group_dim):
+        size, m = tensor.shape[grouped.dim], grouped.size
+        for mesh_dim, placement in enumerate(tensor.placements):
+            if not (placement.is_shard() and placement.dim == grouped.dim):
                 continue
-            world = surrogate.device_mesh.size(mesh_dim)
+            world = tensor.device_mesh.size(mesh_dim)
             rank = straddling_rank(size, world, m)
             if rank is not None:
                 raise ConfigError(
-                    f"layer '{name}': sharding its {size} input features over {world} ranks "
-                    f"cuts an N:M group of {m} on rank {rank} (shards "
+                    f"layer '{grouped.name}': sharding its {size} {grouped.along} over {world} "
+                    f"ranks cuts {grouped.group} of {m} on rank {rank} (shards "
                     f"{shard_bounds(size, world)}); use a world size that splits them in "
                     f"multiples of {m}, or exclude the layer with mask_family.exclude"
                 )

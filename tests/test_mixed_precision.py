@@ -15,11 +15,12 @@ from transformers import AutoModelForCausalLM
 from lightning_prune.cli import main
 from lightning_prune.data import CalibrationDataModule
 from lightning_prune.errors import ConfigError
+from lightning_prune.fsdp1 import check_dtypes as check_fsdp1_dtypes
 from lightning_prune.launch_checks import check_trainer_config
 from lightning_prune.masks.nm import NMMaskFamily
 from lightning_prune.masks.structured import UniformStructuredFamily
 from lightning_prune.models import load_causal_lm
-from lightning_prune.module import PruningModule, check_fsdp1_dtypes
+from lightning_prune.module import PruningModule
 from lightning_prune.ops.nm_prox import is_nm, nm_topn_mask
 from lightning_prune.regularizers.nm_sparsity import NMSparsityRegularizer
 from lightning_prune.regularizers.uniform_lagrangian import UniformLagrangian

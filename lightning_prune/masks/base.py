@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -19,6 +20,54 @@ MODES = ("learn", "hard", "off")
 #: dtype of every learnable mask tensor (and so of its optimizer state), whatever the LM's dtype:
 #: AdamW steps of ~1e-4 on weights of ~0.02 are below bfloat16's resolution and would vanish
 STATE_DTYPE = torch.float32
+
+
+def dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    """``bfloat16``, or ``bfloat16+float32`` for several dtypes (``none`` for none)."""
+    return "+".join(sorted({str(d).removeprefix("torch.") for d in dtypes})) or "none"
+
+
+class ShardView:
+    """What this rank holds of the mask state, as the family and the regularizers read it.
+
+    This default holds every tensor whole on every rank (one device, DDP, or a sharded tensor
+    gathered for the moment). A sharding backend that leaves tensors sharded outside the
+    forward hands the family another view (:meth:`MaskFamily.use_shard_view`), so that mask
+    families and regularizers read their state through it and never import sharding code.
+    """
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of ``tensor`` as a plain tensor (a view of its storage)."""
+        return tensor
+
+    def holds_whole(self, tensor: torch.Tensor, shape: tuple[int, ...]) -> bool:
+        """Whether this rank holds all of ``tensor``, whose whole shape is ``shape`` (a slice
+        of a flattened tensor has another shape)."""
+        return tuple(tensor.shape) == tuple(shape)
+
+    def sum_over_ranks(self, value: torch.Tensor, of: torch.Tensor) -> torch.Tensor:
+        """``value``, a sum over this rank's part of ``of``, summed over every rank that
+        holds a part of it (``value`` itself when ``of`` is whole here)."""
+        return value
+
+
+#: the default view: every tensor whole on this rank
+WHOLE = ShardView()
+
+
+@dataclass(frozen=True)
+class GroupedTensor:
+    """A declaration of a mask family to sharding backends: ``tensor`` (mask state, or a
+    weight it masks) has groups of ``size`` consecutive entries along ``dim`` that a shard must
+    not cut (e.g. N:M groups along a weight's input dim). ``name`` is the target module;
+    ``along`` and ``group`` name the dim and the group in error messages."""
+
+    name: str
+    tensor: torch.Tensor
+    dim: int
+    size: int
+    along: str = "entries"
+    group: str = "a group"
 
 
 class Float32State(nn.Module):
@@ -47,6 +96,8 @@ class MaskParametrization(Float32State):
 
     #: the masked weight is stored ``[in, out]`` (GPT-2 ``Conv1D``); subclasses set it per target
     transposed: bool = False
+    #: what this rank holds of the state (set by :meth:`MaskFamily.use_shard_view`)
+    shard_view: ShardView = WHOLE
 
     def __init__(self) -> None:
         super().__init__()
@@ -92,10 +143,19 @@ class MaskFamily(ABC):
     parameters (FSDP2) keep training it. Life cycle: ``attach`` → training (soft forward) →
     ``harden`` (the final, verified hard mask) → ``bake`` (weights become ``W0 ⊙ mask``).
 
+    What a sharding backend needs of a family is declared here, never asked of the family's
+    own classes: :meth:`replicated_parameters` (state kept whole on every rank),
+    :meth:`grouped_tensors` (groups a shard must not cut), and the :class:`ShardView` the
+    backend hands back (:meth:`use_shard_view`), through which the family and its regularizers
+    read sharded state.
+
     Args:
         include: fnmatch patterns of module names to target (default: the adapter's Linears).
         exclude: fnmatch patterns of module names to leave dense.
     """
+
+    #: what this rank holds of the state (set by :meth:`use_shard_view`)
+    shard_view: ShardView = WHOLE
 
     def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None):
         self.include = include
@@ -161,13 +221,26 @@ class MaskFamily(ABC):
         )
 
     def replicated_parameters(self) -> list[nn.Parameter]:
-        """Mask parameters kept whole on every rank under FSDP2 (small state that is read
-        outside its layer's forward, e.g. gate logits and Lagrange multipliers)."""
+        """Mask parameters a sharding backend keeps whole on every rank (small state that is
+        read outside its layer's forward, e.g. gate logits and Lagrange multipliers); their
+        gradients are averaged over ranks after every backward."""
         return []
+
+    def grouped_tensors(self) -> list[GroupedTensor]:
+        """Tensors whose groups a sharding backend must keep on one rank (default: none).
+        Read after sharding too, so return the tensors the targets hold now."""
+        return []
+
+    def use_shard_view(self, view: ShardView) -> None:
+        """Read the mask state through ``view`` from now on (the family and every target's
+        parametrization; :meth:`subset` views share it). Called by the sharding backend."""
+        self.shard_view = view
+        for parametrization in self.parametrizations().values():
+            parametrization.shard_view = view
 
     def subset(self, names: list[str]) -> MaskFamily:
         """A shallow copy of this family that sees only the targets ``names`` (e.g. those of
-        one FSDP1 unit); the mask state is shared, not copied."""
+        one gathered unit of a sharded model); the mask state is shared, not copied."""
         view = copy.copy(self)
         view._targets = {name: self._targets[name] for name in names}
         return view

@@ -10,9 +10,8 @@ from torch import nn
 
 from lightning_prune.contracts import Surrogate
 from lightning_prune.errors import ConfigError
-from lightning_prune.masks.base import STATE_DTYPE, MaskFamily, MaskParametrization
+from lightning_prune.masks.base import STATE_DTYPE, GroupedTensor, MaskFamily, MaskParametrization
 from lightning_prune.ops.nm_prox import is_nm, nm_topn_mask
-from lightning_prune.sharding import is_sharded, local
 
 
 class NMSurrogate(MaskParametrization):
@@ -32,33 +31,32 @@ class NMSurrogate(MaskParametrization):
 
     @torch.no_grad()
     def reset_from(self, original: torch.Tensor) -> None:
-        """Surrogate := W0 (this rank's shard) and the RMS of the whole W0 (over all ranks)."""
-        local(self.surrogate.data).copy_(local(original.data))
-        squares = local(original.data).double().pow(2).sum()
-        if is_sharded(original):
-            import torch.distributed as dist
-
-            dist.all_reduce(squares)
+        """Surrogate := W0 (this rank's part) and the RMS of the whole W0 (over all ranks)."""
+        view = self.shard_view
+        view.local(self.surrogate.data).copy_(view.local(original.data))
+        squares = view.local(original.data).double().pow(2).sum()
+        squares = view.sum_over_ranks(squares, original)
         self.w0_rms = float((squares / original.numel()).sqrt())
 
     def local_rows(self) -> torch.Tensor:
-        """This rank's shard of the surrogate as ``[out, in]`` (whole groups; the full
-        surrogate when not sharded). In-place changes update the parameter."""
-        return self.rows(local(self.surrogate.data))
+        """This rank's part of the surrogate as ``[out, in]`` (whole groups: the sharding
+        backend keeps them whole, see :meth:`NMMaskFamily.grouped_tensors`; the full surrogate
+        when not sharded). In-place changes update the parameter."""
+        return self.rows(self.shard_view.local(self.surrogate.data))
 
     def compute_hard_mask(self) -> torch.Tensor:
         """Top-N magnitudes per group of the learned surrogate, in storage orientation.
 
-        On an FSDP2-sharded surrogate (outside the layer's forward) this is the mask of this
-        rank's shard; inside the forward the surrogate is gathered and the mask is whole.
-        FSDP1 slices are not whole groups: gather the unit first (``lightning_prune.fsdp1``).
+        On a surrogate sharded by rows (outside the layer's forward) this is the mask of this
+        rank's part; inside the forward the surrogate is gathered and the mask is whole. A
+        flat slice is not whole groups: the backend gathers it first (``whole_group_views``).
         """
         return self.rows(nm_topn_mask(self.local_rows(), self.n, self.m))
 
     def is_whole(self) -> bool:
-        """Whether this rank holds the whole surrogate (not an FSDP2 shard, nor FSDP1's flat
-        slice outside the forward)."""
-        return not is_sharded(self.surrogate) and tuple(self.surrogate.shape) == self.weight_shape
+        """Whether this rank holds the whole surrogate (neither a shard of it nor a flat slice
+        outside the forward)."""
+        return self.shard_view.holds_whole(self.surrogate, self.weight_shape)
 
     def set_mode(self, mode: str) -> None:
         if not self.is_whole():  # no full-size cache per rank: the forward computes it
@@ -116,6 +114,19 @@ class NMMaskFamily(MaskFamily):
         :class:`~lightning_prune.contracts.Surrogate` protocol, so mypy checks that they
         provide it)."""
         return {name: cast(NMSurrogate, p) for name, p in self.parametrizations().items()}
+
+    def grouped_tensors(self) -> list[GroupedTensor]:
+        """The surrogate and W0 of every target: N:M groups of ``m`` along the input dim (dim 1
+        of ``[out, in]`` storage, dim 0 of transposed ``[in, out]``), which a shard must keep
+        whole (every rank then computes its own part of the masks and the prox)."""
+        originals = self.originals()
+        return [
+            GroupedTensor(
+                name, t, 0 if p.transposed else 1, self.m, "input features", "an N:M group"
+            )
+            for name, p in self.surrogates().items()
+            for t in (p.surrogate, originals[name])
+        ]
 
     def verify(self) -> None:
         for name, parametrization in self.parametrizations().items():

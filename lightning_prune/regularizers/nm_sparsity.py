@@ -12,19 +12,15 @@ from lightning_prune.errors import ConfigError
 from lightning_prune.masks.base import MaskFamily
 from lightning_prune.ops.nm_prox import nm_group_counts, nm_prox, nm_regularizer
 from lightning_prune.regularizers.base import Regularizer
-from lightning_prune.sharding import is_sharded
 
 
 def sum_over_shards(value: torch.Tensor, family: MaskFamily) -> torch.Tensor:
-    """Sum a per-rank partial value over ranks when the surrogates are FSDP2-sharded."""
+    """Sum a per-rank partial value over ranks when the surrogates are sharded (the family's
+    ``shard_view``, set by the sharding backend, knows; the value itself otherwise)."""
     weights = [p.surrogate for p in surrogates(family).values()]
-    if not weights or not is_sharded(weights[0]):
+    if not weights:
         return value
-    import torch.distributed as dist
-
-    value = value.to(weights[0].device, copy=True)  # NCCL reduces device tensors only
-    dist.all_reduce(value)
-    return value.cpu()
+    return family.shard_view.sum_over_ranks(value, weights[0])
 
 
 class NMSparsityRegularizer(Regularizer):
@@ -63,7 +59,7 @@ class NMSparsityRegularizer(Regularizer):
     def prox_(self, family: MaskFamily, lr: float) -> None:
         n, m = _pattern(family)
         for name, parametrization in surrogates(family).items():
-            rows = parametrization.local_rows()  # whole groups on every FSDP2 shard
+            rows = parametrization.local_rows()  # whole groups on every rank's shard
             lam = self.layer_lambda(parametrization, n, lr)
             rows.copy_(nm_prox(rows, lam, n, m, name=name))  # a refused shape names the layer
 
@@ -85,7 +81,7 @@ class NMSparsityRegularizer(Regularizer):
         sizes: dict[str, int] = {}
         levels = None
         for name, parametrization in surrogates(family).items():
-            rows = parametrization.local_rows()  # this rank's shard under FSDP2
+            rows = parametrization.local_rows()  # this rank's shard when sharded
             counts = sum_over_shards(nm_group_counts(rows, m), family)
             levels = counts if levels is None else levels + counts
             for key in ("nm_groups_done", _layer_key(name)):

@@ -112,6 +112,6 @@ class ProximalSolver(Solver):
         group = module.trainer.optimizers[0].param_groups[0]
         lr = self.lr * group["lr"] / group["initial_lr"]  # the base lr on its schedule
         proxes = [r for r in module.regularizers if r.has_prox]
-        for family in module.whole_group_views() if proxes else ():  # FSDP1: a unit at a time
+        for family in module.whole_group_views() if proxes else ():  # the backend's views
             for regularizer in proxes:
                 regularizer.prox_(family, lr)

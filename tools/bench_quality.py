@@ -84,6 +84,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--channel-multiple", type=int, default=32)
     parser.add_argument("--minimax-lr", type=float, default=0.2)
     parser.add_argument("--output", default="bench_results/quality.json")
+    parser.add_argument(
+        "--summary", action="store_true", help="print the table of --output and measure nothing"
+    )
     return parser.parse_args()
 
 
@@ -282,8 +285,37 @@ class Bench:
             self.structured(rows)
 
 
+def summary(path: Path) -> str:
+    """The rows of ``path`` with each one's change against SparseGPT (2:4 rows) or Wanda-sp
+    (structured rows) and, for 2:4 rows, the share of the Wanda→dense gap it closes."""
+    result = json.loads(path.read_text())
+    rows = {r["row"]: r for r in result["rows"]}
+    sources = list(result["eval_tokens"])
+    table = []
+    for name, row in rows.items():
+        line = {"row": name, **{s: row[s] for s in sources}, "seconds": row["seconds"]}
+        line["tokens"] = row["tokens"]
+        structured = name.split("+")[0] in ("minimax", "wanda_sp", "flap")
+        reference = rows.get("wanda_sp" if structured else "sparsegpt")
+        for source in sources:
+            if reference is not None and name != "dense":
+                change = 100 * (row[source] / reference[source] - 1)
+                line[f"{source} vs {reference['row']}"] = f"{change:+.1f}%"
+            if not structured and {"dense", "wanda"} <= rows.keys() and name != "dense":
+                wanda, dense = rows["wanda"][source], rows["dense"][source]
+                line[f"{source} gap closed"] = (
+                    f"{100 * (wanda - row[source]) / (wanda - dense):.1f}%"
+                )
+        table.append(line)
+    columns = list(dict.fromkeys(key for line in table for key in line))
+    return format_table(table, columns)
+
+
 def main() -> None:
     args = parse_args()
+    if args.summary:
+        print(summary(Path(args.output)))
+        return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     seed_everything(0)
     Bench(args).run()

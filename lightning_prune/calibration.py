@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -34,8 +34,9 @@ Observer = Callable[[str, torch.Tensor], None]
 def storage_weight(module: nn.Module) -> torch.Tensor:
     """The tensor that holds ``module``'s weight (the original when parametrized)."""
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
-    return module.weight
+        parametrizations = cast(nn.ModuleDict, module.parametrizations)
+        return cast(parametrize.ParametrizationList, parametrizations["weight"]).original
+    return cast(torch.Tensor, module.weight)
 
 
 @contextmanager
@@ -45,7 +46,7 @@ def swapped_weights(
     """Temporarily copy ``weights`` (storage orientation) into the modules' stored weights and
     ``biases`` into their biases (e.g. a one-shot method's bias compensation)."""
     stored = [(storage_weight(m), w) for m, w in weights.items()]
-    stored += [(m.bias, b) for m, b in (biases or {}).items()]
+    stored += [(cast(torch.Tensor, m.bias), b) for m, b in (biases or {}).items()]
     saved = []
     try:
         with torch.no_grad():
@@ -124,7 +125,9 @@ class LayerwiseCalibration:
                     break
                 ids = batch["input_ids"].to(device)
                 self.model(input_ids=ids, use_cache=False)
-                self.hidden.append(current[0])
+                hidden = current[0]
+                assert hidden is not None, "the model did not run its first decoder layer"
+                self.hidden.append(hidden)
                 self.tokens += ids.numel()
         finally:
             for layer in self.layers:

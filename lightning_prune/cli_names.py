@@ -65,5 +65,5 @@ def install_short_names() -> None:
             return path
         return original(cls, name)
 
-    resolve.lightning_prune = True
+    resolve.__dict__["lightning_prune"] = True  # the marker read above (a function attribute)
     _typehints.resolve_class_path_by_name = resolve

@@ -15,7 +15,7 @@ from lightning_prune.errors import ConfigError, MissingPathError
 from lightning_prune.evaluation import format_table, perplexity, write_json
 from lightning_prune.export.atomic import check_output_file, check_target
 from lightning_prune.export.base import casting_formats, exporter_for
-from lightning_prune.masks.init import one_shot_applied
+from lightning_prune.masks.init import MaskInitializer, one_shot_applied
 from lightning_prune.module import PruningModule
 from lightning_prune.protocol import (
     check_comparable,
@@ -118,6 +118,10 @@ def run_evaluate(
         windows[source] = datamodule.heldout_windows(splits)
         protocols.append(heldout_protocol(datamodule, source, windows[source], splits.fingerprint))
 
+    def loaded() -> torch.nn.Module:
+        assert module.model is not None, "configure_model() builds the model"
+        return module.model
+
     def measure(label: str, model: torch.nn.Module) -> dict[str, Any]:
         row: dict[str, Any] = {"model": label}
         for source, tokens in windows.items():
@@ -128,19 +132,19 @@ def run_evaluate(
     family, rows = module.mask_family, []
     if dense:
         family.set_mode("off")
-        rows.append(measure("dense", module.model))
+        rows.append(measure("dense", loaded()))
     for name in baselines:
-        initializer = registry.get("initializers", name)()
+        initializer: MaskInitializer = registry.get("initializers", name)()
         batches = datamodule.train_dataloader() if initializer.needs_data else None
-        update = initializer.compute_update(module.model, family, batches)
+        update = initializer.compute_update(loaded(), family, batches)
         with one_shot_applied(family, update):  # SparseGPT's weights, FLAP's biases; restored
-            rows.append(measure(name, module.model))
+            rows.append(measure(name, loaded()))
     if ckpt_path is not None:  # a one-shot checkpoint may replace W0s and biases (SparseGPT, FLAP)
         load_learned_state(module, ckpt_path)
         family.harden()
-        rows.append(measure(f"learned ({Path(ckpt_path).name})", module.model))
+        rows.append(measure(f"learned ({Path(ckpt_path).name})", loaded()))
     for folder in exported:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=module.model.dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=loaded().dtype).eval()
         rows.append(measure(f"exported ({folder})", model))
     print("\nheld-out perplexity (lower is better)")
     print(format_table(rows, ["model", *windows]))

@@ -8,7 +8,7 @@ loaded with ``AutoModelForCausalLM`` from safetensors. Pickle files are never re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from lightning_prune.export.compressed_file import (
     read_compressed,
 )
 from lightning_prune.models.loading import ModelLoadError, resolve_model_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def load_pretrained(
@@ -49,9 +52,10 @@ def load_pretrained(
 
     folder = Path(resolve_model_path(str(path)))
     if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        named = getattr(torch, dtype, None)
+        if not isinstance(named, torch.dtype):
             raise ConfigError(f"dtype: '{dtype}' is not a torch dtype (e.g. float16, bfloat16)")
-        dtype = getattr(torch, dtype)
+        dtype = named
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"'{folder}' is not an exported model folder (no config.json)")
     info: dict[str, Any] = {"path": str(folder)}
@@ -68,7 +72,8 @@ def load_pretrained(
         info["semi_structured"] = to_semi_structured(model, pruned)
     if compile:
         info["compile"] = compile_model(model, backend=compile_backend)
-    model.lightning_prune_info = info
+    # torch types Module.__setattr__'s value as Tensor | Module, yet any value is accepted
+    model.lightning_prune_info = info  # type: ignore[assignment]
     return model
 
 
@@ -95,7 +100,8 @@ def _load_compressed(folder: Path, dtype: torch.dtype | None) -> tuple[nn.Module
             f"'{folder}': config model_type '{config.model_type}' has no causal LM class in "
             "this transformers version"
         )
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    # the lazy mapping's stubs type its values as tuples of classes
+    model_class = cast("type[PreTrainedModel]", MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
     check_against_config(state, meta["tied"], config, model_class)
     stored = next(t.dtype for t in state.values() if t.is_floating_point())
     model = model_class.from_pretrained(

@@ -24,7 +24,8 @@ class ClaimedVersionCSVLogger(CSVLogger):
     def _get_next_version(self) -> int:
         """The next free version number, claimed by creating its folder (rank zero, local)."""
         version = super()._get_next_version()
-        if rank_zero_only.rank != 0 or "://" in str(self._root_dir):
+        # ``rank`` is set on the function by Lightning at import; its stubs do not declare it
+        if rank_zero_only.rank != 0 or "://" in str(self._root_dir):  # type: ignore[attr-defined]
             return version
         versions_root = os.path.join(self._root_dir, self.name)
         os.makedirs(versions_root, exist_ok=True)

@@ -216,7 +216,7 @@ def evaluation_record(
 def joint_rows(records: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
     """The rows of several records in one table (``record`` column first), and its columns."""
     sources: list[str] = []
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, record in records.items():
         for entry in record["protocol"]:
             if entry.get("source") not in sources:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from lightning.pytorch import LightningModule
@@ -33,6 +33,10 @@ from lightning_prune.export.common import (
 )
 from lightning_prune.models import load_causal_lm, load_tokenizer
 from lightning_prune.solvers.base import warmup_linear_decay
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 
 class RecoveryModule(LightningModule):
@@ -107,7 +111,12 @@ class RecoveryModule(LightningModule):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
-        return self.model(input_ids=input_ids, labels=labels)
+        return self._loaded()(input_ids=input_ids, labels=labels)
+
+    def _loaded(self) -> torch.nn.Module:
+        """The model that :meth:`configure_model` loaded."""
+        assert self.model is not None, "configure_model() loads the model"
+        return self.model
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch["input_ids"], batch["labels"]).loss
@@ -137,10 +146,14 @@ class RecoveryModule(LightningModule):
 
     def write_export(self, steps: int) -> Path:
         """Merge what was learned, write ``output_dir`` atomically and verify it."""
-        model = self.model.merge_and_unload() if self.method == "lora" else self.model
+        trained = self._loaded()
+        if self.method == "lora":
+            trained = cast("PeftModel", trained).merge_and_unload()
+        model = cast("PreTrainedModel", trained)  # the HF model (LoRA merged into it)
         model.requires_grad_(False).eval()
         self._check_zeros_kept(model)
-        probe = probe_tokens(model.config.vocab_size)
+        config: Any = model.config
+        probe = probe_tokens(config.vocab_size)
         with torch.no_grad():
             expected = model(input_ids=probe).logits.float()
         record = {
@@ -187,11 +200,12 @@ def read_pruning_record(export_dir: str) -> dict[str, Any]:
     return value
 
 
-def decoder_linear_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+def decoder_linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Weights of the linear layers (``Linear`` and GPT-2's ``Conv1D``) outside the LM head."""
     from transformers.pytorch_utils import Conv1D
 
-    embeddings = {id(model.get_output_embeddings()), id(model.get_input_embeddings())}
+    hf = cast("PreTrainedModel", model)  # an HF causal LM
+    embeddings = {id(hf.get_output_embeddings()), id(hf.get_input_embeddings())}
     return {
         f"{name}.weight": module.weight
         for name, module in model.named_modules()
@@ -207,6 +221,10 @@ def _with_lora(model: torch.nn.Module, rank: int, alpha: float) -> torch.nn.Modu
             "model.method: lora needs peft: pip install 'lightning-prune[recovery]'"
         ) from err
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", bias="none"
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft types it int; any float scales
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        bias="none",
     )
     return get_peft_model(model, config)

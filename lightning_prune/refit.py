@@ -16,6 +16,7 @@ save and exports ship them like SparseGPT's weights.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ class GramStats:
 
     def add(self, x: torch.Tensor, gram: torch.Tensor) -> None:
         """Add a chunk ``x`` (``[tokens, in]``) whose ``x^T x`` is ``gram``."""
-        if self.gram is None:
+        if self.gram is None or self.total is None:  # both set on the first chunk
             self.gram = torch.zeros_like(gram, dtype=torch.float64)
             self.total = x.new_zeros(x.shape[1], dtype=torch.float64)
         self.gram += gram
@@ -82,16 +83,17 @@ def refit_target(
 
     Returns ``(refit rows, refit bias or None)``.
     """
-    gram = stats.gram
+    gram, total = stats.gram, stats.total
+    assert gram is not None and total is not None, "refit_target: no inputs were observed"
     if bias is not None:
-        gram = centred_gram(stats.gram, stats.total, stats.count)
+        gram = centred_gram(gram, total, stats.count)
     if bool((mask == mask[:1]).all()):
         refit = refit_columns(rows, gram, mask[0], damping)
     else:
         refit = refit_rows(rows, gram, mask, damping)
     if bias is None:
         return refit, None
-    return refit, mean_shift_bias(bias, stats.total / stats.count, rows, refit)
+    return refit, mean_shift_bias(bias, total / stats.count, rows, refit)
 
 
 def check_refittable(family: MaskFamily) -> None:
@@ -157,7 +159,7 @@ def compute_refit(
             swapped: dict[nn.Module, torch.Tensor] = {}
             swapped_biases: dict[nn.Module, torch.Tensor] = {}
             for name, module in modules.items():
-                bias = module.bias if fit_bias and module.bias is not None else None
+                bias = cast("torch.Tensor | None", module.bias) if fit_bias else None
                 rows = _rows(family, name, storage_weight(module).detach())
                 mask = _rows(family, name, masks[name].to(rows.device))
                 refit, new_bias = refit_target(rows, mask, observer.stats[name], damping, bias)

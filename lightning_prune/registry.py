@@ -18,6 +18,7 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 
 from lightning_prune.errors import LightningPruneError
 
@@ -126,8 +127,11 @@ class Registry:
             )
         return claims[0]
 
-    def get(self, kind: str, name: str) -> object:
-        """Load and return the plugin object registered as ``name``."""
+    def get(self, kind: str, name: str) -> Any:
+        """Load and return the plugin object registered as ``name``.
+
+        Typed ``Any``: what an entry point loads is only known at run time; callers annotate
+        the variable they bind it to with the class the plugin kind promises."""
         return self.info(kind, name).load()
 
     def load_all(self, timeout: float | None = None) -> None:

@@ -8,7 +8,7 @@ multiples) and why the others do not; :func:`to_semi_structured` converts them o
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -16,10 +16,13 @@ from torch import nn
 from lightning_prune.errors import ConfigError
 from lightning_prune.ops.nm_prox import is_nm
 
+if TYPE_CHECKING:
+    from torch.sparse import SparseSemiStructuredTensor
+
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def semi_structured_backend() -> type:
+def semi_structured_backend() -> type[SparseSemiStructuredTensor]:
     """The sparse tensor class ``to_sparse_semi_structured`` builds (cuSPARSELt, else CUTLASS)."""
     from torch.sparse import (
         SparseSemiStructuredTensor,
@@ -35,20 +38,23 @@ def semi_structured_backend() -> type:
 
 
 def semi_structured_plan(
-    model: nn.Module, names: list[str] | None = None, backend: type | None = None
+    model: nn.Module,
+    names: list[str] | None = None,
+    backend: type[SparseSemiStructuredTensor] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """Linears that qualify for 2:4 semi-structured conversion, and ``{name: reason}`` for the
     others among ``names`` (default: every Linear but the output head)."""
     backend = backend or semi_structured_backend()
     if names is None:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if get_head is not None else None
         names = [
             n for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and mod is not head
         ]
     eligible, skipped = [], {}
     for name in names:
         module = model.get_submodule(name)
-        weight = module.weight
+        weight = cast(torch.Tensor, module.weight)
         if not isinstance(module, nn.Linear):
             skipped[name] = f"{type(module).__name__} is not nn.Linear (weights stored [in, out])"
         elif weight.dtype not in SEMI_STRUCTURED_DTYPES:
@@ -88,6 +94,7 @@ def to_semi_structured(model: nn.Module, names: list[str] | None = None) -> dict
     eligible, skipped = semi_structured_plan(model, names, backend)
     for name in eligible:
         module = model.get_submodule(name)
+        assert isinstance(module, nn.Linear)  # the plan makes only Linears eligible
         sparse = to_sparse_semi_structured(module.weight.detach())
         module.weight = nn.Parameter(sparse, requires_grad=False)
     return {"backend": backend.BACKEND, "converted": eligible, "skipped": skipped}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import Any, cast
 
 from torch import nn
 
@@ -67,7 +68,7 @@ class ModelAdapter:
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder blocks, in order."""
-        return model.get_submodule(self.layers_path)
+        return cast(nn.ModuleList, model.get_submodule(self.layers_path))
 
     def weight_is_transposed(self, module: nn.Module) -> bool:
         """True when ``module.weight`` is stored as ``[in, out]`` (GPT-2 ``Conv1D``)."""
@@ -118,10 +119,10 @@ class ModelAdapter:
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """Find the registered adapter for ``model``; the error says how to add one."""
     registry = get_registry()
-    config = model.config
+    config: Any = model.config  # an HF PretrainedConfig
     for name in registry.names("adapters"):
         try:
-            adapter_cls = registry.get("adapters", name)
+            adapter_cls: type[ModelAdapter] = registry.get("adapters", name)
         except PluginError:
             continue
         if adapter_cls.supports(config):

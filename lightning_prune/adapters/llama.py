@@ -6,9 +6,9 @@ from lightning_prune.adapters.base import ModelAdapter, StructuredSpec
 class LlamaAdapter(ModelAdapter):
     """Decoder layers at ``model.layers``; q/k/v/o and gate/up/down projections."""
 
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    model_types: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
     layers_path = "model.layers"
-    linear_names = (
+    linear_names: tuple[str, ...] = (
         "self_attn.q_proj",
         "self_attn.k_proj",
         "self_attn.v_proj",

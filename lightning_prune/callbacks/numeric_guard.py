@@ -130,7 +130,8 @@ def _short_name(name: str) -> str:
 
 def first_nonfinite_module(pl_module: LightningModule, batch: Any) -> str | None:
     """Run ``batch`` again and return the first module (in call order) with a non-finite output."""
-    if batch is None or getattr(pl_module, "model", None) is None:
+    model: torch.nn.Module | None = getattr(pl_module, "model", None)
+    if batch is None or model is None:
         return None
     found: list[str] = []
 
@@ -146,7 +147,7 @@ def first_nonfinite_module(pl_module: LightningModule, batch: Any) -> str | None
 
     handles = [
         module.register_forward_hook(hook(name))
-        for name, module in pl_module.model.named_modules()
+        for name, module in model.named_modules()
         if name and not name.endswith("parametrizations") and ".parametrizations." not in name
     ]
     try:

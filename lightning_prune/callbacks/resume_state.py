@@ -22,9 +22,11 @@ class ResumeState(Callback):
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
+        numpy_state = np.random.get_state(legacy=True)  # the default: legacy=True
+        assert isinstance(numpy_state, tuple)  # the global RandomState is always MT19937
         state: dict[str, Any] = {
             "torch": torch.get_rng_state(),
-            "numpy": _numpy_state_to_tensors(np.random.get_state()),
+            "numpy": _numpy_state_to_tensors(numpy_state),
             "python": _python_state_to_tensors(random.getstate()),
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():

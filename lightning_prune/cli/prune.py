@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_prune.checkpoints import check_stored_hyperparameters
@@ -27,13 +27,17 @@ DESCRIPTION = (
 class PruningTrainer(BaseTrainer):
     """Lightning's ``Trainer`` plus the export and evaluate subcommands."""
 
+    #: the resolved command-line config, for the export's record (set by ``before_export``)
+    run_config: dict[str, Any] | None = None
+
     def fit(
         self,
-        model: PruningModule,
+        model: LightningModule,
         train_dataloaders: Any = None,
         val_dataloaders: Any = None,
         datamodule: LightningDataModule | None = None,
-        ckpt_path: str | None = None,
+        # narrower than Trainer.fit's str | Path: LightningCLI parses this annotation
+        ckpt_path: str | None = None,  # type: ignore[override]
         weights_only: bool | None = True,
     ) -> None:
         """Learn the mask; ``ckpt_path`` resumes a killed fit: a file, or ``last`` for the
@@ -45,6 +49,7 @@ class PruningTrainer(BaseTrainer):
         if ckpt_path == "last":
             ckpt_path = newest_last_checkpoint(self.default_root_dir) or ckpt_path
             if ckpt_path != "last":  # checked as a named checkpoint is (in before_fit)
+                assert isinstance(model, PruningModule)  # the model class of this CLI
                 model.check_resume(ckpt_path, self)
         super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, True)
 
@@ -78,7 +83,7 @@ class PruningTrainer(BaseTrainer):
             output_dir,
             format,
             overwrite,
-            getattr(self, "run_config", None),
+            self.run_config,
             dtype,
         )
 
@@ -163,6 +168,7 @@ class PruneCLI(BaseCLI):
 
     def before_export(self) -> None:
         config = self.config[self.subcommand]
+        assert isinstance(self.trainer, PruningTrainer)  # the trainer class of this CLI
         self.trainer.run_config = _to_plain(config.as_dict())
 
 

@@ -117,26 +117,42 @@ class CalibrationDataModule(LightningDataModule):
         from lightning_prune.models import load_tokenizer
 
         tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
-        return open_mixture(self.streaming.sources, tokenizer, self.seq_len)
+        return open_mixture(self._streaming().sources, tokenizer, self.seq_len)
+
+    def _streaming(self) -> StreamingConfig:
+        assert self.streaming is not None, "the data module does not stream"
+        return self.streaming
+
+    def _opened_mixture(self) -> Mixture:
+        """The streamed sources, opened by :meth:`setup`."""
+        self.setup()
+        assert self.mixture is not None, "the data module does not stream"
+        return self.mixture
+
+    def _token_splits(self) -> TokenSplits:
+        """The tokenized source, loaded by :meth:`setup`."""
+        self.setup()
+        assert self.splits is not None, "the data module streams (no token splits)"
+        return self.splits
 
     def stream(self, world: int = 1, rank: int = 0) -> WindowStream:
         """Rank ``rank``'s calibration windows: its share of ``token_budget`` tokens over
         ``world`` ranks, from the documents that are not held out."""
-        self.setup()
-        count = self.streaming.token_budget // (self.seq_len * world)
+        mixture, budget = self._opened_mixture(), self._streaming().token_budget
+        count = budget // (self.seq_len * world)
         if count == 0:
             raise ConfigError(
-                f"data.streaming.token_budget: {self.streaming.token_budget} tokens over {world} "
+                f"data.streaming.token_budget: {budget} tokens over {world} "
                 f"ranks give no window of data.seq_len {self.seq_len} per rank; need at least "
                 f"{self.seq_len * world}"
             )
-        return WindowStream(self.mixture, count, self._not_heldout, rank, world)
+        return WindowStream(mixture, count, self._not_heldout, rank, world)
 
     def _streamed_heldout(self) -> torch.Tensor:
         """Held-out windows of the streamed sources (at most ``eval_tokens`` tokens)."""
-        self.setup()
+        mixture = self._opened_mixture()
         count = self.eval_tokens // self.seq_len
-        windows = list(WindowStream(self.mixture, count, self._heldout, exact=False))
+        windows = list(WindowStream(mixture, count, self._heldout, exact=False))
         if not windows:
             raise ConfigError(
                 f"data.streaming: the held-out documents give no window of data.seq_len "
@@ -152,8 +168,7 @@ class CalibrationDataModule(LightningDataModule):
 
     def calibration_windows(self) -> torch.Tensor:
         """``num_samples`` calibration windows drawn with ``seed``."""
-        self.setup()
-        windows = pack(self.splits.calibration, self.seq_len)
+        windows = pack(self._token_splits().calibration, self.seq_len)
         if windows.shape[0] < self.num_samples:
             raise ConfigError(
                 f"data.num_samples: source '{self.source}' gives only {windows.shape[0]} "
@@ -168,7 +183,7 @@ class CalibrationDataModule(LightningDataModule):
         if splits is None and self.streaming is not None:
             return self._streamed_heldout()
         self.setup()
-        windows = pack((splits or self.splits).heldout, self.seq_len, self.eval_tokens)
+        windows = pack((splits or self._token_splits()).heldout, self.seq_len, self.eval_tokens)
         if windows.shape[0] == 0:
             raise ConfigError(
                 f"data.source: held-out split of '{self.source}' is shorter than seq_len "
@@ -204,7 +219,8 @@ class CalibrationDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.state.fn != "fit":
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        # a _ProcessedTracker at run time; Lightning declares the base tracker's type
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
         finished = done >= trainer.num_training_batches
         return {"epoch": trainer.current_epoch, "batches_done": 0 if finished else done}
 

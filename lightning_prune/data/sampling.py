@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sized
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 
 class EpochShuffleSampler(DistributedSampler):
@@ -24,7 +25,8 @@ class EpochShuffleSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        size = len(cast(Sized, self.dataset))  # sized: DistributedSampler's __init__ takes len()
+        order = torch.randperm(size, generator=generator).tolist()
         order += order[: self.total_size - len(order)]  # equal share per rank, as Lightning's
         yield from order[self.rank : self.total_size : self.num_replicas]
 
@@ -56,13 +58,14 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.resume = resume or SkipOnce()
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> _BaseDataLoaderIter:
         position = self.resume.take()
         if position is None:
             return super().__iter__()
         epoch, skip = position
-        if callable(getattr(self.sampler, "set_epoch", None)):
-            self.sampler.set_epoch(epoch)
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
         iterator = super().__iter__()
         for _ in range(skip):
             next(iterator, None)

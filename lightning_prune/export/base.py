@@ -51,7 +51,7 @@ class Exporter(ABC):
 def exporters() -> dict[str, Exporter]:
     """Every registered exporter that loads, by format name (broken or conflicting names are
     left out)."""
-    registry, found = get_registry(), {}
+    registry, found = get_registry(), dict[str, Exporter]()
     for name in registry.names(KIND):
         try:
             found[name] = registry.get(KIND, name)()
@@ -69,7 +69,8 @@ def exporter_for(export_format: str, family: MaskFamily) -> Exporter:
             f"--format: unknown export format '{export_format}'; formats for mask family "
             f"{name}: {_working(family)}"
         )
-    exporter = registry.get(KIND, export_format)()  # a broken or claimed-twice name raises
+    # a broken or claimed-twice name raises
+    exporter: Exporter = registry.get(KIND, export_format)()
     if not exporter.supports(family):
         raise ConfigError(
             f"--format {export_format} does not support mask family {name}; formats that do: "

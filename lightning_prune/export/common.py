@@ -60,11 +60,21 @@ class ExportError(LightningPruneError, RuntimeError):
 class ExportSource(Protocol):
     """What an exporter reads of the ``PruningModule`` it writes out."""
 
-    model: nn.Module
+    @property
+    def model(self) -> nn.Module | None:
+        """The model (``None`` until ``configure_model`` has built it)."""
+
     model_name: str
     mask_family: MaskFamily
     solver: Any
     init_mask: str | dict[str, Any] | None
+
+
+def source_model(module: ExportSource) -> nn.Module:
+    """The model of ``module``, which an export needs built (by loading the checkpoint)."""
+    if module.model is None:
+        raise ExportError("export: the module's model has not been built (configure_model)")
+    return module.model
 
 
 def probe_tokens(vocab_size: int, length: int = 32) -> torch.Tensor:
@@ -76,9 +86,11 @@ def probe_tokens(vocab_size: int, length: int = 32) -> torch.Tensor:
 def masked_reference(module: ExportSource) -> tuple[torch.Tensor, torch.Tensor]:
     """Harden the masks; return fixed probe tokens and the masked model's logits on them."""
     module.mask_family.harden()
-    probe = probe_tokens(module.model.config.vocab_size)
+    model = source_model(module)
+    config: Any = model.config  # an HF PretrainedConfig
+    probe = probe_tokens(config.vocab_size)
     with torch.no_grad():
-        expected = module.model(input_ids=probe).logits.float()
+        expected = model(input_ids=probe).logits.float()
     return probe, expected
 
 

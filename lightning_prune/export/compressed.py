@@ -27,6 +27,7 @@ from lightning_prune.export.common import (
     ExportSource,
     export_record,
     masked_reference,
+    source_model,
     write_export_folder,
 )
 from lightning_prune.export.compressed_file import WEIGHTS_NAME, shared_tensors, write_compressed
@@ -81,7 +82,7 @@ def export_compressed_nm(
     layout = {f"{name}.weight": p.transposed for name, p in family.parametrizations().items()}
     checker = family.exported_checker()
     family.bake()
-    model = module.model
+    model = source_model(module)
     cast = _dtype(dtype) not in (None, model.dtype)
     if cast:  # parameters only: buffers (rotary frequencies) stay as a fresh load has them
         for param in model.parameters():

@@ -15,6 +15,7 @@ from lightning_prune.export.common import (
     ExportSource,
     export_record,
     masked_reference,
+    source_model,
     write_export_folder,
 )
 
@@ -34,7 +35,7 @@ def export_hf(
     """
     from transformers import AutoModelForCausalLM
 
-    model, family = module.model, module.mask_family
+    model, family = source_model(module), module.mask_family
     probe, expected = masked_reference(module)
     record = {**export_record(module, run_config), "sparsity": family.sparsity_report()}
     checker = family.exported_checker()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -31,9 +31,31 @@ from lightning_prune.export.common import (
     check_logits_error,
     export_record,
     masked_reference,
+    source_model,
     verify_in_fresh_process,
     write_export_folder,
 )
+
+if TYPE_CHECKING:
+    from lightning_prune.adapters.base import ModelAdapter, StructuredSpec
+
+
+@runtime_checkable
+class SlicedFamily(Protocol):
+    """What the sliced export reads of its mask family (``uniform_structured`` provides it)."""
+
+    decoder_params: int  # decoder-layer Linear parameters of the dense model
+
+    def attached(self) -> tuple[ModelAdapter, StructuredSpec]: ...
+    def layer_layouts(self) -> list[dict[str, torch.Tensor]]: ...
+    def exported_shape(self) -> dict[str, int]: ...
+
+
+def _not_sliceable(family: object) -> ExportError:
+    return ExportError(
+        f"export: mask family {type(family).__name__} has no per-layer unit layouts to slice "
+        "the model by (uniform_structured has)"
+    )
 
 
 def _param_count(model: nn.Module) -> int:
@@ -52,9 +74,12 @@ def _unit_index(units: torch.Tensor, size: int) -> torch.Tensor:
 def slice_state(module: ExportSource, layouts: list[dict[str, torch.Tensor]]) -> dict:
     """The baked model's state dict with every layer cut to its kept heads and channels."""
     family = module.mask_family
-    adapter, spec, model = family.adapter, family.spec, module.model
-    layout = adapter.head_layout(model.config)
-    channels_dense = adapter.intermediate_size(model.config)
+    if not isinstance(family, SlicedFamily):
+        raise _not_sliceable(family)
+    (adapter, spec), model = family.attached(), source_model(module)
+    config: Any = model.config  # an HF PretrainedConfig
+    layout = adapter.head_layout(config)
+    channels_dense = adapter.intermediate_size(config)
     state = dict(model.state_dict())
     layers = adapter.decoder_layers(model)
     for index, kept in enumerate(layouts):
@@ -64,6 +89,7 @@ def slice_state(module: ExportSource, layouts: list[dict[str, torch.Tensor]]) ->
         channel_rows = kept["channels"]
         cuts: list[tuple[str, torch.Tensor, str]] = []
         if spec.prunes_heads:
+            assert spec.query is not None and spec.kv is not None and spec.attn_out is not None
             cuts += [(n, head_rows, "out") for n in spec.query]
             cuts += [(n, kv_rows, "out") for n in spec.kv]
             cuts.append((spec.attn_out, head_rows, "in"))
@@ -95,7 +121,11 @@ def export_structured_hf(
     """
     from transformers import AutoModelForCausalLM
 
-    model, family = module.model, module.mask_family
+    model, family = source_model(module), module.mask_family
+    if not isinstance(family, SlicedFamily):
+        raise _not_sliceable(family)
+    adapter, _ = family.attached()
+    config: Any = model.config  # an HF PretrainedConfig
     dtype = model.dtype
     model.float()  # holds (b)float16 values exactly, without their matmul rounding
     dense_params = _param_count(model) - sum(
@@ -114,13 +144,11 @@ def export_structured_hf(
     checker = family.exported_checker()
     family.bake()
     try:
-        small_config = family.adapter.structured_config(
-            model.config, shape["num_heads"], shape["num_kv_heads"], shape["intermediate_size"]
+        small_config = adapter.structured_config(
+            config, shape["num_heads"], shape["num_kv_heads"], shape["intermediate_size"]
         )
     except ValueError as err:
-        raise ExportError(
-            f"export: the {model.config.model_type} config rejects {shape}: {err}"
-        ) from err
+        raise ExportError(f"export: the {config.model_type} config rejects {shape}: {err}") from err
     state = slice_state(module, layouts)
     small = AutoModelForCausalLM.from_config(small_config, dtype=model.dtype)
     small.load_state_dict(state, strict=True)
@@ -151,4 +179,3 @@ def export_structured_hf(
         record["verification"]["reload"] = report
         (tmp / "pruning.json").write_text(json.dumps(record, indent=2))
     return Path(output_dir)
-

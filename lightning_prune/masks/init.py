@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -74,7 +74,8 @@ def one_shot_applied(family: MaskFamily, update: OneShotUpdate) -> Iterator[None
     block; the replaced weights and biases are restored afterwards (the masks stay in use)."""
     originals = family.originals()
     saved_weights = {n: originals[n].detach().clone() for n in update.weights}
-    saved_biases = {n: family.targets()[n].bias.detach().clone() for n in update.biases}
+    targets = family.targets()
+    saved_biases = {n: cast(torch.Tensor, targets[n].bias).detach().clone() for n in update.biases}
     before = (set(family.updated_weights), set(family.updated_biases))
     update.apply(family)
     family.use_masks(update.masks)
@@ -104,7 +105,7 @@ def build_initializer(spec: str | dict[str, Any]) -> MaskInitializer:
 
     name = initializer_name(spec)
     args = {} if isinstance(spec, str) else dict(spec.get("init_args") or {})
-    cls = get_registry().get("initializers", name)
+    cls: type[MaskInitializer] = get_registry().get("initializers", name)
     try:
         return cls(**args)
     except TypeError as err:

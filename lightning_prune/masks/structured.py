@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -183,7 +183,7 @@ class UniformStructuredFamily(MaskFamily, Float32State):
         self._names: dict[str, list[str]] = {}
         self.adapter: ModelAdapter | None = None
         self.spec: StructuredSpec | None = None
-        self.config = None
+        self.config: Any = None  # the model's HF config, set by attach
         self.learned_targets: nn.Parameter | None = None
         self._layers: list[nn.Module] = []
         self.decoder_params = 0  # decoder-layer Linear parameters of the dense model
@@ -191,7 +191,7 @@ class UniformStructuredFamily(MaskFamily, Float32State):
 
     # -- attach -------------------------------------------------------------------------------
     def attach(self, model: nn.Module, adapter: ModelAdapter) -> None:
-        config = model.config
+        config: Any = model.config  # an HF PretrainedConfig
         spec = adapter.structured_spec()
         if spec is None:
             raise ConfigError(
@@ -231,7 +231,7 @@ class UniformStructuredFamily(MaskFamily, Float32State):
                     info.units,
                     _in_features(module, transposed) // info.units,
                     info.groups,
-                    module.weight.shape,
+                    _weight(module).shape,
                     transposed,
                     self.gate,
                     self.init_logit,
@@ -359,6 +359,8 @@ class UniformStructuredFamily(MaskFamily, Float32State):
         return costs, lower, torch.ones(len(self._kinds), dtype=torch.float64)
 
     def _remaining(self) -> float:
+        """Parameters the budget leaves (used under a ``budget`` only)."""
+        assert self.budget is not None, "no parameter budget"
         fixed, total = self._budget_terms
         return (1 - self.budget) * total - fixed
 
@@ -435,6 +437,7 @@ class UniformStructuredFamily(MaskFamily, Float32State):
         counts: dict[str, int] = {}
         if self.learned_targets is None:
             for kind, info in self._kinds.items():
+                assert info.fixed_target is not None  # no learned targets: fixed per type
                 counts[kind] = round(info.fixed_target * info.units)
             return counts
         values = self.learned_targets.detach().double().cpu()
@@ -460,11 +463,18 @@ class UniformStructuredFamily(MaskFamily, Float32State):
         self._sync_counts()
         super().set_mode(mode)
 
+    def attached(self) -> tuple[ModelAdapter, StructuredSpec]:
+        """The adapter and structured spec set by :meth:`attach`."""
+        if self.adapter is None or self.spec is None:
+            raise RuntimeError("uniform_structured: the mask family is not attached to a model")
+        return self.adapter, self.spec
+
     # -- final mask ---------------------------------------------------------------------------
     def layer_layouts(self) -> list[dict[str, torch.Tensor]]:
         """Per layer: sorted kept ``heads`` (query), ``kv_heads`` and ``channels`` indices."""
-        layout = self.adapter.head_layout(self.config)
-        channels = self.adapter.intermediate_size(self.config)
+        adapter, _ = self.attached()
+        layout = adapter.head_layout(self.config)
+        channels = adapter.intermediate_size(self.config)
         layouts = []
         for index in range(self.num_layers):
             heads = torch.arange(layout.num_heads)
@@ -485,7 +495,8 @@ class UniformStructuredFamily(MaskFamily, Float32State):
 
     def exported_shape(self) -> dict[str, int]:
         """Heads, KV heads and MLP channels per layer of the exported model."""
-        layout = self.adapter.head_layout(self.config)
+        adapter, _ = self.attached()
+        layout = adapter.head_layout(self.config)
         counts = self.kept_counts()
         heads, kv = layout.num_heads, layout.num_kv_heads
         if "heads" in counts:
@@ -493,7 +504,7 @@ class UniformStructuredFamily(MaskFamily, Float32State):
                 kv, heads = counts["heads"], counts["heads"] * layout.group_size
             else:
                 heads = counts["heads"]
-        channels = counts.get("channels", self.adapter.intermediate_size(self.config))
+        channels = counts.get("channels", adapter.intermediate_size(self.config))
         return {"num_heads": heads, "num_kv_heads": kv, "intermediate_size": channels}
 
     def verify(self) -> None:
@@ -507,10 +518,10 @@ class UniformStructuredFamily(MaskFamily, Float32State):
 
     def exported_checker(self) -> Callable[[nn.Module], None]:
         shape = self.exported_shape()
-        adapter = self.adapter
+        adapter, _ = self.attached()
 
         def check(model: nn.Module) -> None:
-            config = model.config
+            config: Any = model.config
             layout = adapter.head_layout(config)
             got = {
                 "num_heads": layout.num_heads,
@@ -525,11 +536,12 @@ class UniformStructuredFamily(MaskFamily, Float32State):
         return check
 
     def describe(self) -> dict[str, Any]:
-        layout = self.adapter.head_layout(self.config)
+        adapter, _ = self.attached()
+        layout = adapter.head_layout(self.config)
         dense = {
             "num_heads": layout.num_heads,
             "num_kv_heads": layout.num_kv_heads,
-            "intermediate_size": self.adapter.intermediate_size(self.config),
+            "intermediate_size": adapter.intermediate_size(self.config),
         }
         record: dict[str, Any] = {
             "pattern": "uniform_structured",
@@ -559,17 +571,19 @@ class UniformStructuredFamily(MaskFamily, Float32State):
         A unit's norm covers every weight that is removed with it (query/KV rows and output
         columns for heads, input rows and output columns for channels).
         """
-        counts, spec = self.kept_counts(), self.spec
+        counts, (adapter, spec) = self.kept_counts(), self.attached()
         masks = {}
         for kind, gates in self._gates.items():
-            ins = spec.mlp_in if kind == "channels" else spec.query
-            if kind == "heads" and self.gqa == "kv_group":
-                ins = ins + spec.kv
+            if kind == "channels":
+                ins = spec.mlp_in
+            else:  # heads are gated only where the spec can prune them
+                assert spec.query is not None and spec.kv is not None
+                ins = spec.query + spec.kv if self.gqa == "kv_group" else spec.query
             for layer, name, gate in zip(self._layers, self._names[kind], gates):
-                out = _rows_of(layer.get_submodule(self._out_name(kind)), self.adapter)
+                out = _rows_of(layer.get_submodule(self._out_name(kind)), adapter)
                 norms = out.float().pow(2).sum(0).reshape(gate.units, -1).sum(-1)
                 for local in ins:
-                    rows = _rows_of(layer.get_submodule(local), self.adapter)
+                    rows = _rows_of(layer.get_submodule(local), adapter)
                     norms = norms + rows.float().pow(2).sum(1).reshape(gate.units, -1).sum(-1)
                 unit = uniform_topk(norms, counts[kind], gate.groups)
                 masks[name] = gate.expand(unit).expand(gate.weight_shape).clone()
@@ -629,7 +643,11 @@ class UniformStructuredFamily(MaskFamily, Float32State):
                 gate.logits.copy_(torch.where(kept, logit, -logit).to(gate.logits))
 
     def _out_name(self, kind: str) -> str:
-        return self.spec.attn_out if kind == "heads" else self.spec.mlp_out
+        _, spec = self.attached()
+        if kind == "heads":
+            assert spec.attn_out is not None  # heads are gated only where they can be pruned
+            return spec.attn_out
+        return spec.mlp_out
 
     def hf_exporter(self) -> Callable[..., Any]:
         from lightning_prune.export.structured import export_structured_hf
@@ -637,22 +655,28 @@ class UniformStructuredFamily(MaskFamily, Float32State):
         return export_structured_hf
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` (masked when parametrized); torch types module attributes loosely."""
+    return cast(torch.Tensor, module.weight)
+
+
 def _in_features(module: nn.Module, transposed: bool) -> int:
-    return module.weight.shape[0] if transposed else module.weight.shape[1]
+    return _weight(module).shape[0] if transposed else _weight(module).shape[1]
 
 
 def _weight_params(module: nn.Module) -> int:
-    return module.weight.numel()
+    return _weight(module).numel()
 
 
 def _params(module: nn.Module) -> int:
     bias = getattr(module, "bias", None)
-    return module.weight.numel() + (bias.numel() if bias is not None else 0)
+    return _weight(module).numel() + (bias.numel() if bias is not None else 0)
 
 
 def _rows_of(module: nn.Module, adapter: ModelAdapter) -> torch.Tensor:
     """The module's weight as ``[out, in]`` (originals when parametrized)."""
-    weight = module.weight
+    weight = _weight(module)
     if parametrize.is_parametrized(module, "weight"):
-        weight = module.parametrizations.weight.original
+        parametrizations = cast(nn.ModuleDict, module.parametrizations)
+        weight = cast(parametrize.ParametrizationList, parametrizations["weight"]).original
     return weight.t() if adapter.weight_is_transposed(module) else weight

@@ -18,7 +18,7 @@ import inspect
 import json
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -94,7 +94,7 @@ def check_size_fields(config_path: Path, config: dict[str, Any]) -> None:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         return  # an unknown architecture: transformers names it
     config_class = CONFIG_MAPPING[model_type]
     accepted = inspect.signature(config_class.__init__).parameters
@@ -221,7 +221,10 @@ def load_causal_lm(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        # output_loading_info=True returns (model, info); transformers types only the model
+        model, info = cast(
+            "tuple[nn.Module, dict[str, Any]]", AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        )
     except pickle.UnpicklingError as err:
         raise ModelLoadError(
             f"model '{name}' could not be loaded: a weights file holds objects other than "

@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from lightning_prune.models.loading import ModelLoadError, load_config, resolve_model_path
 from lightning_prune.sharding import is_sharded, local
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 PARAMETRIZED = ".parametrizations.weight.original"
 
@@ -102,8 +106,9 @@ def _read_shards(
                     f"model expects {tuple(param.shape)}"
                 )
             if is_sharded(param):
+                sharded = cast("DTensor", param)
                 shape, offset = compute_local_shape_and_global_offset(
-                    param.shape, param.device_mesh, param.placements
+                    sharded.shape, sharded.device_mesh, sharded.placements
                 )
                 index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
                 yield key, param, stored[index]

@@ -11,6 +11,8 @@ budget), maximised over the multipliers ``y``. Targets ramp from 1 (dense) durin
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,6 +32,10 @@ def lagrangian_terms(expected: Tensor, target: Tensor | float, y1: Tensor, y2: T
     return y1 * gap + y2 * gap.pow(2)
 
 
+@overload
+def ramped_target(final: Tensor, progress: float) -> Tensor: ...
+@overload
+def ramped_target(final: float, progress: float) -> float: ...
 def ramped_target(final: Tensor | float, progress: float) -> Tensor | float:
     """Linear ramp from 1 (keep everything) at ``progress`` 0 to ``final`` at 1 and after."""
     progress = min(max(float(progress), 0.0), 1.0)

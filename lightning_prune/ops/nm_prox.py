@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 Backend = Literal["auto", "native", "torch", "compiled"]
+ResolvedBackend = Literal["native", "torch", "compiled"]  # what "auto" resolves to
 COMPILE_ENV = "LIGHTNING_PRUNE_NM_COMPILE"
 
 
@@ -154,12 +155,12 @@ def _compile_enabled() -> bool:
     return os.environ.get(COMPILE_ENV, "1").lower() not in ("0", "false", "no", "off")
 
 
-def prox_backend(z: Tensor, n: int, m: int) -> str:
+def prox_backend(z: Tensor, n: int, m: int) -> ResolvedBackend:
     """The implementation ``nm_prox(z, lam, n, m)`` uses for ``z``; see ``backend_for``."""
     return backend_for(z.device, z.dtype, n, m)
 
 
-def backend_for(device: torch.device | str, dtype: torch.dtype, n: int, m: int) -> str:
+def backend_for(device: torch.device | str, dtype: torch.dtype, n: int, m: int) -> ResolvedBackend:
     """``native`` (2:4 on CPU, float32/bf16/fp16, kernel loaded), ``compiled`` (CUDA, unless
     ``LIGHTNING_PRUNE_NM_COMPILE=0`` or compiling failed before), else ``torch``."""
     device = torch.device(device)

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
@@ -71,7 +72,7 @@ def _bind(lib: ctypes.CDLL):
         ctypes.c_void_p, ctypes.c_void_p, i64, i64, i64,
         ctypes.c_void_p, i64, i64, ctypes.c_int32, ctypes.c_float,
     ]  # fmt: skip
-    fn._lp_lib = lib
+    fn._lp_lib = lib  # type: ignore[attr-defined]  # ctypes stubs forbid extra attributes
     return fn
 
 
@@ -163,7 +164,9 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _run(fn, src: Tensor, dst: Tensor, lam2d: Tensor, max_sweeps: int, tol: float) -> None:
+def _run(
+    fn: Callable[..., None], src: Tensor, dst: Tensor, lam2d: Tensor, max_sweeps: int, tol: float
+) -> None:
     """Run the kernel on contiguous fp32 ``src``/``dst`` ``[R, C, 4]``; ``lam2d`` is ``[R, C]``."""
     rows, c_groups = src.shape[0], src.shape[1]
     for t in (src, dst, lam2d):  # raw pointers below: insist on the layout the C code assumes
@@ -205,13 +208,15 @@ def prox24(fn, z: Tensor, lam_g: Tensor, max_sweeps: int, tol: float, out: Tenso
     lam2d = lam_g.reshape(rows, c_groups)
     if z.dtype == torch.float32 and z.is_contiguous():
         src = z
-        direct = (
+        if (
             out is not None
             and out.dtype == torch.float32
             and out.is_contiguous()
             and out.shape == z.shape
-        )
-        dst = out if direct else torch.empty_like(z, memory_format=torch.contiguous_format)
+        ):
+            dst = out
+        else:
+            dst = torch.empty_like(z, memory_format=torch.contiguous_format)
     else:
         src = z.to(torch.float32).contiguous()
         if src.data_ptr() == z.data_ptr():  # never write into the caller's tensor

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
@@ -46,13 +46,14 @@ def esym_cols(cols: list[Tensor], k: int) -> Tensor:
     for j, c in enumerate(cols):
         # e[t] with t + (columns left after this one) < k can no longer reach e[k]: skip it
         for t in range(min(j + 1, k), max(k - (n_cols - 1 - j), 1) - 1, -1):
+            prev, cur = e[t - 1], e[t]
             if t == 1:
                 term = c
-            elif e[t - 1] is None:
+            elif prev is None:
                 continue
             else:
-                term = e[t - 1] * c
-            e[t] = term if e[t] is None else e[t] + term
+                term = prev * c
+            e[t] = term if cur is None else cur + term
     out = e[k]
     return torch.zeros_like(cols[0]) if out is None else out
 
@@ -271,7 +272,12 @@ def prox_groups(
 # --------------------------------------------------------------------------------------------
 # compiled entry point with a clean fallback
 # --------------------------------------------------------------------------------------------
-_compile_state: dict[str, object] = {}  # "pieces": Pieces; "failed": reason (str)
+class _CompileState(TypedDict, total=False):
+    pieces: Pieces  # the compiled pieces, once built
+    failed: str  # why compiling failed (then the eager path runs from now on)
+
+
+_compile_state: _CompileState = {}
 
 
 def compile_failure() -> str | None:

@@ -163,7 +163,9 @@ def _perplexity(records: dict[str, dict[str, Any]], problems: list[str]) -> str:
 
 
 def _speed_and_size(runs: list[RunData]) -> str:
-    sizes, speed, files = [], [], []
+    sizes: list[dict[str, Any]] = []
+    speed: list[dict[str, Any]] = []
+    files: list[dict[str, Any]] = []
     for run in runs:
         for folder, record in run.exports.items():
             params = record.get("parameters") or {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -149,7 +149,7 @@ def export_summary(folder: Path, record: dict[str, Any]) -> MaskSummary | None:
         rows = {}
         for name in record["sparsity"]:
             module = model.get_submodule(name)
-            weight = module.weight.detach()
+            weight = cast(torch.Tensor, module.weight).detach()
             rows[name] = weight.t() if adapter.weight_is_transposed(module) else weight
         return nm_summary(rows, record["n"], record["m"], "exported weights")
     return None

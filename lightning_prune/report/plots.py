@@ -41,7 +41,7 @@ PANELS: list[tuple[str, Callable[[str], bool], bool]] = [
     ),
     ("Learning rate", lambda c: c == "lr", True),
 ]
-LOSSES = ("train/loss", "val/loss", "train/distill")
+LOSSES: tuple[str, ...] = ("train/loss", "val/loss", "train/distill")
 STYLES = ("-", "--", ":", "-.")
 KEPT_COLORS = ListedColormap(["#dddddd", "#2e7d32"])
 MAX_COLUMNS = 96  # unit maps wider than this are drawn as kept shares of unit blocks
@@ -192,8 +192,8 @@ def _nm_progress(figure: Figure, axes, metrics: Series) -> None:
         axes.set_title("share of groups already N:M while learning")
         figure.colorbar(image, ax=axes, shrink=0.8)
     else:
-        steps, values = zip(*metrics["reg/nm_groups_done"])
-        axes.plot(steps, values, marker="o" if len(steps) < 3 else None)
+        done_steps, done = zip(*metrics["reg/nm_groups_done"])
+        axes.plot(done_steps, done, marker="o" if len(done_steps) < 3 else None)
         axes.set_xlabel("step")
         axes.set_title("share of groups already N:M while learning (all layers)")
         axes.grid(alpha=0.3)
@@ -235,9 +235,10 @@ def structured_figure(summary: StructuredSummary, metrics: Series, run_name: str
         return to_png(figure)
     axes = figure.add_subplot(grid[len(kinds)])
     for color, kind in enumerate(kinds):
-        if kind not in logged:
+        per_layer = _per_layer(metrics, rf"reg/{kind}_expected_l(\d+)") if kind in logged else None
+        if per_layer is None:
             continue
-        steps, values, _ = _per_layer(metrics, rf"reg/{kind}_expected_l(\d+)")
+        steps, values, _ = per_layer
         for row, series in enumerate(values):
             label = f"{kind} (one line per layer)" if row == 0 else None
             axes.plot(steps, series, color=f"C{color}", alpha=0.5, lw=1, label=label)

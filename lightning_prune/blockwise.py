@@ -165,15 +165,18 @@ class BlockwiseObjective:
     def _cached_call(
         self, model: nn.Module, blocks: list[nn.Module], index: int, input_ids: torch.Tensor
     ) -> BlockCall | None:
-        rows = [self._cache.get(tokens) for tokens in input_ids]
-        if any(row is None for row in rows):
+        cache = self._cache
+        assert cache is not None, "_fill() caches the inputs first"
+        rows = [cache.get(tokens) for tokens in input_ids]
+        found = [row for row in rows if row is not None]
+        if len(found) < len(rows):
             return None
         key = (index, tuple(input_ids.shape))
         if key not in self._templates:  # the block's other arguments depend on the shape only
             self._templates[key] = self.capture(model, blocks[index], input_ids)
         template = self._templates[key]
         reference = template.hidden
-        return template.with_hidden(torch.stack(rows).to(reference.device, reference.dtype))
+        return template.with_hidden(torch.stack(found).to(reference.device, reference.dtype))
 
     @torch.no_grad()
     def _fill(

@@ -237,9 +237,10 @@ def check_checkpoint_usable(path: str | Path) -> None:
     if is_sharded_checkpoint(path):
         _, state = read_sharded_state(path)
     else:
-        state = read_checkpoint_header(path).get("state_dict")
-        if not isinstance(state, dict):
+        header_state = read_checkpoint_header(path).get("state_dict")
+        if not isinstance(header_state, dict):
             raise ConfigError(f"ckpt_path: '{path}' holds no state_dict")
+        state = header_state
     check_finite_state(state)
 
 

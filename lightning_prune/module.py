@@ -202,6 +202,7 @@ class PruningModule(LightningModule):
                 raise ConfigError(f"init_mask '{label}' needs calibration data (a datamodule)")
             whole = getattr(datamodule, "calibration_dataloader", datamodule.train_dataloader)
             batches = whole()  # all of it, on every rank: the same masks everywhere
+        assert self.model is not None, "configure_model() loads the model"
         update = initializer.compute_update(self.model, self.mask_family, batches)
         if update.biases and not self.solver.ships_init_mask:
             print(
@@ -238,7 +239,7 @@ class PruningModule(LightningModule):
             initializer,
         )
         if stage == "fit" and self.blockwise is not None:
-            self._check_blockwise_fit()
+            self._check_blockwise_fit(self.blockwise)
         datamodule = getattr(self.trainer, "datamodule", None)
         seq_len = getattr(datamodule, "seq_len", None)
         if seq_len is None:
@@ -250,7 +251,7 @@ class PruningModule(LightningModule):
         if context and seq_len > context:
             raise ConfigError(f"data.seq_len: {seq_len} exceeds the model's context {context}")
 
-    def _check_blockwise_fit(self) -> None:
+    def _check_blockwise_fit(self, objective: BlockwiseObjective) -> None:
         """Refuse, before the LM is loaded, a block-wise fit that this setup cannot run."""
         if not self.solver.supports_blockwise:
             raise ConfigError(
@@ -274,12 +275,12 @@ class PruningModule(LightningModule):
                 "ddp_find_unused_parameters_true"
             )
         layers = self._hf_config().num_hidden_layers
-        expected = self.blockwise.total_steps(layers)
+        expected = objective.total_steps(layers)
         if self.trainer.max_steps != expected:
-            e2e = self.blockwise.e2e_steps
+            e2e = objective.e2e_steps
             raise ConfigError(
                 f"trainer.max_steps: objective blockwise learns {layers} blocks × "
-                f"{self.blockwise.steps_per_block} steps_per_block"
+                f"{objective.steps_per_block} steps_per_block"
                 + (f" + {e2e} e2e_steps" if e2e else "")
                 + f" = {expected} steps; set trainer.max_steps: {expected} and "
                 f"trainer.max_epochs: -1, got {self.trainer.max_steps}"
@@ -309,6 +310,7 @@ class PruningModule(LightningModule):
         return load_config(self.model_name, self.trust_remote_code)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        assert self.model is not None, "configure_model() loads the model"
         return self.model(input_ids=input_ids, labels=labels)
 
     def precision_record(self) -> dict[str, str]:
@@ -351,18 +353,20 @@ class PruningModule(LightningModule):
 
     def _block_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The learned block's reconstruction loss on ``batch`` (block-wise objective)."""
-        index = self._learned_block()
+        index, objective, model = self._learned_block(), self.blockwise, self.model
+        assert index is not None and objective is not None, "a step of the block phase"
+        assert model is not None, "configure_model() loads the model"
         self._set_block_modes(index)
         block, view = self._blocks[index], self._learned_view()
-        call = self.blockwise.block_call(
-            self.model, self._blocks, index, batch["input_ids"], self._calibration_batches()
+        call = objective.block_call(
+            model, self._blocks, index, batch["input_ids"], self._calibration_batches()
         )
         view.set_mode("off")
         with torch.no_grad():
-            target = self.blockwise.run(block, call)
+            target = objective.run(block, call)
         view.set_mode("learn")
         self.log("block", float(index), prog_bar=True)
-        return reconstruction_loss(self.blockwise.run(block, call), target)
+        return reconstruction_loss(objective.run(block, call), target)
 
     def _calibration_batches(self) -> Callable[[], Iterable[dict[str, torch.Tensor]]] | None:
         """Every calibration batch, for the block-input cache (``None`` without a
@@ -385,6 +389,7 @@ class PruningModule(LightningModule):
             self.mask_family.set_mode("learn")
             self._block_in_modes = None
             return
+        assert self.blockwise is not None, "only a block-wise fit has a block phase"
         before = "off" if self.blockwise.inputs == "dense" else "hard"
         for position, names in enumerate(self._block_names):
             mode = before if position < index else "learn"
@@ -401,7 +406,9 @@ class PruningModule(LightningModule):
         return self.mask_family.subset(self._block_names[index])
 
     def _log_step(self) -> bool:
-        return self.global_step % max(self.trainer.log_every_n_steps, 1) == 0
+        # set by Lightning's logger connector; Trainer does not declare it
+        every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]
+        return self.global_step % max(every, 1) == 0
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         # whole groups need gathers, never inside the forward or backward: log here, where the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import (
@@ -15,6 +16,11 @@ from lightning.pytorch.strategies import (
 from lightning_prune.errors import ConfigError
 from lightning_prune.masks.init import OneShotUpdate
 from lightning_prune.refit import compute_refit
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from lightning_prune.masks.base import MaskFamily
 
 
 class WeightRefit(Callback):
@@ -99,14 +105,16 @@ class WeightRefit(Callback):
         )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)  # set by Lightning, not declared
         if datamodule is None:
             raise ConfigError("WeightRefit: needs calibration data (a datamodule)")
         loader = getattr(datamodule, "calibration_dataloader", datamodule.train_dataloader)
-        family = pl_module.mask_family
+        # a PruningModule's (torch types a module's attributes as ``Tensor | Module``)
+        family = cast("MaskFamily", pl_module.mask_family)
+        model = cast("nn.Module", pl_module.model)
         modes = [p.mode for p in family.parametrizations().values()]
         update = compute_refit(
-            pl_module.model,
+            model,
             family,
             loader(),
             self.damping,
@@ -127,9 +135,9 @@ class WeightRefit(Callback):
     def _folder(self, trainer: Trainer) -> Path:
         if self.dirpath is not None:
             return Path(self.dirpath)
-        callback = trainer.checkpoint_callback
-        if callback is not None and callback.dirpath:
-            return Path(callback.dirpath)
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)  # ModelCheckpoint's
+        if dirpath:
+            return Path(dirpath)
         return Path(trainer.default_root_dir) / "refit"
 
 

@@ -248,13 +248,13 @@ class MaskFamily(ABC):
     def parametrizations(self) -> dict[str, MaskParametrization]:
         """The mask parametrization of every target, by module name."""
         return {
-            n: cast(MaskParametrization, m.parametrizations.weight[0])
+            n: cast(MaskParametrization, _weight_parametrizations(m)[0])
             for n, m in self._targets.items()
         }
 
     def originals(self) -> dict[str, torch.Tensor]:
         """The frozen pretrained weights W0, by module name."""
-        return {n: m.parametrizations.weight.original for n, m in self._targets.items()}
+        return {n: _weight_parametrizations(m).original for n, m in self._targets.items()}
 
     def set_mode(self, mode: str) -> None:
         """``learn`` (training forward), ``hard`` (final mask) or ``off`` (dense W0)."""
@@ -348,3 +348,10 @@ class MaskFamily(ABC):
             mask = parametrization.hard_mask()
             report[name] = 1.0 - mask.float().mean().item()
         return report
+
+
+def _weight_parametrizations(module: nn.Module) -> parametrize.ParametrizationList:
+    """The parametrizations of a target's ``weight`` (torch types a module's attributes as
+    ``Tensor | Module``)."""
+    parametrizations = cast(nn.ModuleDict, module.parametrizations)
+    return cast(parametrize.ParametrizationList, parametrizations["weight"])

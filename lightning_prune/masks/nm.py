@@ -100,7 +100,7 @@ class NMMaskFamily(MaskFamily):
         self.n, self.m = n, m
 
     def make_parametrization(self, name: str, module: nn.Module, transposed: bool) -> NMSurrogate:
-        weight = module.weight
+        weight = cast(torch.Tensor, module.weight)
         in_features = weight.shape[0] if transposed else weight.shape[1]
         if in_features % self.m:
             raise ConfigError(
@@ -140,7 +140,7 @@ class NMMaskFamily(MaskFamily):
 
         def check(model: nn.Module) -> None:
             for name, transposed in layout.items():
-                weight = model.get_submodule(name).weight.detach()
+                weight = cast(torch.Tensor, model.get_submodule(name).weight).detach()
                 rows = weight.t() if transposed else weight
                 if not is_nm(rows, n, m):
                     raise ConfigError(f"exported weight '{name}' breaks the {n}:{m} pattern")
@@ -153,7 +153,7 @@ class NMMaskFamily(MaskFamily):
     def reset_state(self) -> None:
         originals = self.originals()
         for name, parametrization in self.parametrizations().items():
-            parametrization.reset_from(originals[name])
+            cast(NMSurrogate, parametrization).reset_from(originals[name])  # made here
 
     def apply_initial_masks(self, masks: dict[str, torch.Tensor]) -> None:
         """Warm start: zero the surrogate outside the given masks (storage orientation).

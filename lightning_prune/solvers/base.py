@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lightning_prune.errors import ConfigError
 
 if TYPE_CHECKING:
-    from lightning.pytorch import LightningModule
+    from lightning.pytorch import Trainer
+    from torch import nn
+
+    from lightning_prune.masks.base import MaskFamily
+    from lightning_prune.regularizers.base import Regularizer
+
+
+class SolverHost(Protocol):
+    """What a solver reads of the ``LightningModule`` it serves (``PruningModule``, which
+    imports this module, so the hooks name this protocol instead of the class)."""
+
+    @property
+    def mask_family(self) -> MaskFamily: ...
+
+    @property
+    def regularizers(self) -> list[Regularizer]: ...
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The LM (``None`` until ``configure_model`` has run)."""
+
+    @property
+    def trainer(self) -> Trainer: ...
+
+    @property
+    def global_step(self) -> int: ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def schedule_spans(self) -> Callable[[int], tuple[int, int]]: ...
+
+    def whole_group_views(self, writeback: bool = True) -> Iterator[MaskFamily]: ...
 
 
 class Solver:
@@ -16,8 +47,8 @@ class Solver:
 
     ``PruningModule`` calls :meth:`configure_optimizers` from Lightning's hook of the same name
     and :meth:`after_optimizer_step` right after every optimizer step (e.g. to apply a prox).
-    Every hook receives that ``PruningModule``; this interface sits below it, so it names only
-    its Lightning base (the built-in solvers annotate ``PruningModule``).
+    Every hook receives that ``PruningModule``; this interface sits below it, so the hooks are
+    typed with :class:`SolverHost`, the members of it that solvers read.
     """
 
     #: the solver takes optimizer steps; ``False`` (``oneshot``): the fit ends before its first
@@ -35,18 +66,18 @@ class Solver:
     #: its update touches only parameters that have gradients, through the module's views
     supports_blockwise: bool = False
 
-    def configure_optimizers(self, module: LightningModule) -> Any:
+    def configure_optimizers(self, module: SolverHost) -> Any:
         """Return what ``LightningModule.configure_optimizers`` returns."""
         raise NotImplementedError
 
-    def loss_terms(self, module: LightningModule, batch: dict, outputs: Any) -> dict[str, Any]:
+    def loss_terms(self, module: SolverHost, batch: dict, outputs: Any) -> dict[str, Any]:
         """Extra loss terms of one training step (e.g. distillation), by log name."""
         return {}
 
-    def after_optimizer_step(self, module: LightningModule) -> None:
+    def after_optimizer_step(self, module: SolverHost) -> None:
         """Hook run after every optimizer step."""
 
-    def metrics(self, module: LightningModule) -> dict[str, float]:
+    def metrics(self, module: SolverHost) -> dict[str, float]:
         """Extra values to log every step."""
         return {}
 

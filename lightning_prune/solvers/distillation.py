@@ -10,7 +10,7 @@ from lightning_prune.errors import ConfigError
 from lightning_prune.ops.lagrangian import distill_kl
 
 if TYPE_CHECKING:
-    from lightning_prune.module import PruningModule
+    from lightning_prune.solvers.base import SolverHost
 
 
 class Distillation:
@@ -38,16 +38,17 @@ class Distillation:
         self.weight, self.temperature = float(weight), float(temperature)
 
     def terms(
-        self, module: PruningModule, batch: dict[str, torch.Tensor], outputs: Any
+        self, module: SolverHost, batch: dict[str, torch.Tensor], outputs: Any
     ) -> dict[str, torch.Tensor]:
         """``{"distill": term}`` for one training step, or nothing when the weight is 0."""
         if self.weight <= 0:
             return {}
-        family = module.mask_family
+        family, model = module.mask_family, module.model
+        assert model is not None, "configure_model() loads the model"
         family.set_mode("off")
         try:
             with torch.no_grad():
-                teacher = module.model(input_ids=batch["input_ids"]).logits
+                teacher = model(input_ids=batch["input_ids"]).logits
         finally:
             family.set_mode("learn")
         return {"distill": self.weight * distill_kl(outputs.logits, teacher, self.temperature)}

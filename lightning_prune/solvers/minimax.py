@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from lightning_prune.contracts import GatedUnits, UniformTargets, require
 from lightning_prune.errors import ConfigError
-from lightning_prune.solvers.base import Solver, check_grad_clip
+from lightning_prune.solvers.base import Solver, SolverHost, check_grad_clip
 from lightning_prune.solvers.distillation import Distillation
-
-if TYPE_CHECKING:
-    from lightning_prune.module import PruningModule
 
 
 class MinimaxSolver(Solver):
@@ -61,9 +58,9 @@ class MinimaxSolver(Solver):
         self.distillation = Distillation("minimax", distill_weight, distill_temperature)
         self.warmup_steps = 0
 
-    def configure_optimizers(self, module: PruningModule) -> Any:
-        family = module.mask_family
-        require("solver", self, family, module.regularizers)
+    def configure_optimizers(self, module: SolverHost) -> Any:
+        require("solver", self, module.mask_family, module.regularizers)
+        family = gated_units(module)
         groups = [
             {"params": family.mask_parameters(), "lr": self.lr},
             {  # ascent without momentum: it turns as soon as the gap changes sign
@@ -84,24 +81,32 @@ class MinimaxSolver(Solver):
         """Target ramp after ``step`` optimizer steps (1 once warm-up is over)."""
         return 1.0 if self.warmup_steps <= 0 else min(1.0, step / self.warmup_steps)
 
-    def after_optimizer_step(self, module: PruningModule) -> None:
-        family = module.mask_family
+    def after_optimizer_step(self, module: SolverHost) -> None:
+        family = gated_units(module)
         family.project_targets()
         family.set_progress(self.progress(module.global_step + 1))
 
     def loss_terms(
-        self, module: PruningModule, batch: dict[str, torch.Tensor], outputs: Any
+        self, module: SolverHost, batch: dict[str, torch.Tensor], outputs: Any
     ) -> dict[str, torch.Tensor]:
         """Extra loss terms of one training step: ``distill`` when ``distill_weight > 0``.
 
         Also sets the target ramp from the step counter, so a resumed fit uses the same targets.
         """
-        module.mask_family.set_progress(self.progress(module.global_step))
+        gated_units(module).set_progress(self.progress(module.global_step))
         return self.distillation.terms(module, batch, outputs)
 
-    def metrics(self, module: PruningModule) -> dict[str, float]:
-        family = module.mask_family
+    def metrics(self, module: SolverHost) -> dict[str, float]:
+        family = gated_units(module)
         values = {"target_progress": float(family.progress)}
         for kind, count in family.kept_counts().items():
             values[f"{kind}_final_count"] = float(count)
         return values
+
+
+def gated_units(module: SolverHost) -> GatedUnits:
+    """The host's mask family, which provides :class:`GatedUnits` (the solver ``requires`` it:
+    checked when the run is assembled and again in ``configure_optimizers``)."""
+    family = module.mask_family
+    assert isinstance(family, GatedUnits), "the mask family provides no GatedUnits"
+    return family

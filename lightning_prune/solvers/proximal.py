@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_prune.contracts import SurrogateWeights
 from lightning_prune.errors import ConfigError
-from lightning_prune.solvers.base import Solver, check_grad_clip, warmup_linear_decay
+from lightning_prune.solvers.base import (
+    Solver,
+    SolverHost,
+    check_grad_clip,
+    warmup_linear_decay,
+)
 from lightning_prune.solvers.distillation import Distillation
-
-if TYPE_CHECKING:
-    from lightning_prune.module import PruningModule
 
 
 class ProximalSolver(Solver):
@@ -60,18 +62,19 @@ class ProximalSolver(Solver):
         if not 0 <= warmup_ratio < 1:
             raise ConfigError(f"solver proximal.warmup_ratio: expected [0, 1), got {warmup_ratio}")
         self.lr, self.lr_scale = lr, lr_scale
-        self.weight_decay, self.betas = weight_decay, tuple(betas)
+        first, second = betas  # a list from a config file
+        self.weight_decay, self.betas = weight_decay, (first, second)
         self.warmup_ratio = warmup_ratio
         self.grad_clip = check_grad_clip("proximal", grad_clip)
         self.distillation = Distillation("proximal", distill_weight, distill_temperature)
 
     def loss_terms(
-        self, module: PruningModule, batch: dict[str, torch.Tensor], outputs: Any
+        self, module: SolverHost, batch: dict[str, torch.Tensor], outputs: Any
     ) -> dict[str, torch.Tensor]:
         """``distill`` when ``distill_weight > 0``."""
         return self.distillation.terms(module, batch, outputs)
 
-    def configure_optimizers(self, module: PruningModule) -> Any:
+    def configure_optimizers(self, module: SolverHost) -> Any:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("solver proximal: the mask family exposes no trainable parameters")
@@ -90,7 +93,7 @@ class ProximalSolver(Solver):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    def param_groups(self, module: PruningModule, params: list) -> list[dict[str, Any]]:
+    def param_groups(self, module: SolverHost, params: list) -> list[dict[str, Any]]:
         """One group at ``lr`` (``absolute``), or one per surrogate at ``lr · rms(W0)``."""
         if self.lr_scale == "absolute":
             return [{"params": params, "lr": self.lr}]
@@ -108,7 +111,7 @@ class ProximalSolver(Solver):
             )
         return [{"params": [p], "lr": self.lr * scale[id(p)]} for p in params]
 
-    def after_optimizer_step(self, module: PruningModule) -> None:
+    def after_optimizer_step(self, module: SolverHost) -> None:
         group = module.trainer.optimizers[0].param_groups[0]
         lr = self.lr * group["lr"] / group["initial_lr"]  # the base lr on its schedule
         proxes = [r for r in module.regularizers if r.has_prox]

@@ -250,22 +250,13 @@ def test_gpt2_rows_stay_whole_under_fsdp2(gpt2_runs) -> None:
     assert_matches_one_rank(gpt2_runs, "fsdp2", "gpt2")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,  # the launched fit fails
-    reason="MaskParametrization.set_mode caches compute_hard_mask() as final_mask even when "
-    "the state is an FSDP2 shard (DTensor), and MaskParametrization.forward multiplies the "
-    "gathered weight by that shard-sized mask in hard mode (validation): 'The size of tensor a "
-    "(576) must match the size of tensor b (288)'. Every family must copy NMSurrogate's "
-    "is_whole()/set_mode/forward overrides (lp-topk-plugin does); masks/base.py could do it "
-    "for all of them",
-)
 def test_base_class_mode_handling_suffices_under_fsdp2(
     small_model, topk_site, registered, tmp_path, monkeypatch
 ) -> None:
     """A family that implements only the documented abstract members of its parametrization
     (``compute_hard_mask`` read through the shard view, ``learned_weight``) fits and exports
-    under FSDP2."""
+    under FSDP2: the base ``set_mode`` caches no mask of a shard (``is_whole``) and the base
+    ``forward`` computes it on the gathered scores."""
     monkeypatch.syspath_prepend(str(FIXTURES))  # the in-process export imports the family
     family = "--model.mask_family.class_path=topk_base_only.BaseOnlyTopKFamily"
     runs = fit_and_export(small_model, ["fsdp2"], topk_site, tmp_path, family)

@@ -92,6 +92,12 @@ class MaskParametrization(Float32State):
 
     Learnable state is created in :data:`STATE_DTYPE`; ``learned_weight`` returns the weight in
     the original weight's dtype, so the LM's matmuls run in the dtype it was loaded in.
+
+    Sharded state: the hard mask is cached (``final_mask``) only while this rank holds its own
+    parameters whole (:meth:`is_whole`). Otherwise (an FSDP2 shard, an FSDP1 flat slice outside
+    the forward) ``set_mode("hard")`` caches nothing and the forward computes
+    ``compute_hard_mask()`` itself, where the sharding backend has gathered the parameters: a
+    subclass implements ``compute_hard_mask`` and ``learned_weight`` only.
     """
 
     #: the masked weight is stored ``[in, out]`` (GPT-2 ``Conv1D``); subclasses set it per target
@@ -103,6 +109,29 @@ class MaskParametrization(Float32State):
         super().__init__()
         self.mode = "learn"
         self.register_buffer("final_mask", torch.empty(0, dtype=torch.bool), persistent=False)
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        """Also records the shape ``param`` is first registered with (the whole shape: sharding
+        backends replace parameters later, never through the first registration)."""
+        super().register_parameter(name, param)
+        if param is not None:
+            shapes: dict[str, tuple[int, ...]] = self.__dict__.setdefault("_whole_shapes", {})
+            shapes.setdefault(name, tuple(param.shape))
+
+    def is_whole(self) -> bool:
+        """Whether this rank holds every parameter of this parametrization whole (per the
+        ``shard_view``: neither a shard nor a flat slice of it, as sharding backends leave them
+        outside the forward). Parameterless parametrizations are whole."""
+        shapes: dict[str, tuple[int, ...]] = self.__dict__.get("_whole_shapes", {})
+        tensors = {
+            name: (param, shape)
+            for name, shape in shapes.items()
+            if isinstance(param := getattr(self, name, None), torch.Tensor)
+        }
+        for name, param in self._parameters.items():  # set without register_parameter
+            if param is not None and name not in tensors:
+                tensors[name] = (param, tuple(param.shape))
+        return all(self.shard_view.holds_whole(t, shape) for t, shape in tensors.values())
 
     @abstractmethod
     def compute_hard_mask(self) -> torch.Tensor:
@@ -122,8 +151,11 @@ class MaskParametrization(Float32State):
         return self.final_mask if self.final_mask.numel() else self.compute_hard_mask()
 
     def set_mode(self, mode: str) -> None:
+        """Switch the forward to ``mode``; ``hard`` caches the hard mask when the state is whole
+        (:meth:`is_whole`), else leaves ``final_mask`` empty for the forward to compute it (no
+        mask of this rank's part only, and no full-size cache per rank)."""
         self.mode = mode
-        if mode == "hard":
+        if mode == "hard" and self.is_whole():
             self.final_mask = self.compute_hard_mask().contiguous()
         else:
             self.final_mask = torch.empty(0, dtype=torch.bool, device=self.final_mask.device)
@@ -132,7 +164,9 @@ class MaskParametrization(Float32State):
         if self.mode == "off":
             return original
         if self.mode == "hard":
-            return original * self.final_mask.to(original.dtype)
+            # no cached mask: the state is sharded outside the forward, gathered here
+            mask = self.final_mask if self.final_mask.numel() else self.compute_hard_mask()
+            return original * mask.to(original.dtype)
         return self.learned_weight(original)
 
 

@@ -26,7 +26,6 @@ class NMSurrogate(MaskParametrization):
         super().__init__()
         self.n, self.m, self.transposed = n, m, transposed
         self.surrogate = nn.Parameter(weight.detach().to(STATE_DTYPE, copy=True))
-        self.weight_shape = tuple(weight.shape)
         self.w0_rms = 0.0 if weight.is_meta else weight.detach().float().pow(2).mean().sqrt().item()
 
     @torch.no_grad()
@@ -48,27 +47,11 @@ class NMSurrogate(MaskParametrization):
         """Top-N magnitudes per group of the learned surrogate, in storage orientation.
 
         On a surrogate sharded by rows (outside the layer's forward) this is the mask of this
-        rank's part; inside the forward the surrogate is gathered and the mask is whole. A
-        flat slice is not whole groups: the backend gathers it first (``whole_group_views``).
+        rank's part; inside the forward the surrogate is gathered and the mask is whole (the
+        base class caches it only when the surrogate is whole, ``is_whole``). A flat slice is
+        not whole groups: the backend gathers it first (``whole_group_views``).
         """
         return self.rows(nm_topn_mask(self.local_rows(), self.n, self.m))
-
-    def is_whole(self) -> bool:
-        """Whether this rank holds the whole surrogate (neither a shard of it nor a flat slice
-        outside the forward)."""
-        return self.shard_view.holds_whole(self.surrogate, self.weight_shape)
-
-    def set_mode(self, mode: str) -> None:
-        if not self.is_whole():  # no full-size cache per rank: the forward computes it
-            self.mode = mode
-            self.final_mask = torch.empty(0, dtype=torch.bool, device=self.final_mask.device)
-            return
-        super().set_mode(mode)
-
-    def forward(self, original: torch.Tensor) -> torch.Tensor:
-        if self.mode == "hard" and not self.final_mask.numel():
-            return original * self.compute_hard_mask().to(original.dtype)
-        return super().forward(original)
 
     def learned_weight(self, original: torch.Tensor) -> torch.Tensor:
         return self.surrogate.to(original.dtype)

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, cast
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import (
     DDPStrategy,
-    ModelParallelStrategy,
     SingleDeviceStrategy,
 )
 
+from lightning_prune.backends import backend_class
 from lightning_prune.errors import ConfigError
 from lightning_prune.masks.init import OneShotUpdate
 from lightning_prune.refit import compute_refit
@@ -86,12 +86,7 @@ class WeightRefit(Callback):
         if stage != "fit":
             return
         name = type(trainer.strategy).__name__
-        sharded = (
-            "FSDP" in name
-            or "DeepSpeed" in name
-            or isinstance(trainer.strategy, ModelParallelStrategy)
-        )
-        if sharded:
+        if backend_class(trainer.strategy).shards_model or "DeepSpeed" in name:
             raise ConfigError(
                 f"WeightRefit: not supported under {name}: it shards every layer's weights "
                 "and the refit needs them whole on each rank; run the fit under DDP "
